@@ -1,0 +1,191 @@
+"""Layer-by-layer calibration: feed calibration text through the decoder one layer at a time,
+collect each weight matrix's input second moment ``H = X^T X / n``, quantize, and pass the
+quantized layer's output on as the next layer's input (as GPTQ does).
+
+Only one decoder layer's activations for the calibration set are held at a time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import resolve, unwrap, weight_matrix
+from .gptq import gptq
+from .plan import Plan
+from .quantize import QTensor, rtn
+from .swap import QuantizedWeights
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int) -> tuple[list, list]:
+    """Hidden states entering layer 0 per batch, and each layer's other call arguments per batch.
+
+    Every layer's forward is replaced by a recorder that passes its input through, so the model
+    computes embeddings, masks and rotary tables (which differ per layer for sliding-window
+    families) without running any layer; the last recorder stops the forward.
+    Returns ``(inputs[batch], calls[batch][layer] = (args, kwargs))``.
+    """
+    hf = unwrap(model)
+    arch = resolve(hf)
+    layers = [hf.get_submodule(p) for p in arch.layers]
+    device = next(hf.parameters()).device
+    inputs, calls = [], []
+    for start in range(0, calib.shape[0], batch_size):
+        batch_calls: list = []
+
+        def recorder(i: int):
+            def forward(hidden_states, *args, **kwargs):
+                if i == 0:
+                    inputs.append(hidden_states)
+                batch_calls.append((args, kwargs))
+                if i == len(layers) - 1:
+                    raise _Stop
+                return hidden_states
+
+            return forward
+
+        # accelerate (device_map) keeps its own forward on the instance: put back whatever was there
+        saved = [layer.__dict__.get("forward") for layer in layers]
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        try:
+            hf(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for layer, fwd in zip(layers, saved):
+                if fwd is None:
+                    del layer.forward
+                else:
+                    layer.forward = fwd
+        calls.append(batch_calls)
+    return inputs, calls
+
+
+def _run_layer(layer: nn.Module, x: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _input_groups(layer: nn.Module, names: dict[str, str], x: torch.Tensor, call: tuple) -> list[list[str]]:
+    """Planned modules of one layer grouped by shared input (q/k/v, gate/up), in execution order."""
+    seen: dict[int, list[str]] = {}
+    alive = []  # hold the inputs so that no id is reused within the pass
+    hooks = []
+    for full, rel in names.items():
+        def hook(mod, args, full=full):
+            alive.append(args[0])
+            seen.setdefault(id(args[0]), []).append(full)
+        hooks.append(layer.get_submodule(rel).register_forward_pre_hook(hook))
+    try:
+        _run_layer(layer, x[:1], (call[0], _slice_kwargs(call[1], 1)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(seen.values())
+
+
+def _slice_kwargs(kwargs: dict, n: int) -> dict:
+    # masks and other per-row tensors follow the batch; rotary tables (batch 1) do not need slicing
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, damp: float = 0.01,
+                        act_order: bool = False, true_sequential: bool = False, batch_size: int = 8,
+                        progress: bool = True) -> dict[str, QTensor]:
+    """Quantize every planned matrix layer by layer; GPTQ specs use the calibration inputs.
+
+    Matrices that read the same input (q, k, v) share one ``H`` and are quantized as one stacked
+    matrix, which gives the same codes as one at a time. With ``true_sequential`` each group
+    sees the inputs produced by the already-quantized groups before it in the same layer.
+    """
+    hf = unwrap(model)
+    arch = resolve(hf)
+    inputs, calls = capture_layer_inputs(hf, calib, batch_size)
+    tensors: dict[str, QTensor] = {}
+    layer_bar = tqdm(range(arch.n_layers), desc="quantize layers", disable=not progress, leave=False)
+    for li in layer_bar:
+        layer = hf.get_submodule(arch.layers[li])
+        prefix = arch.layers[li] + "."
+        names = {n: n[len(prefix):] for n in arch.linear_names([li]) if n in plan}
+        if not names:
+            continue
+        groups = _input_groups(layer, names, inputs[0], calls[0][li])
+        stages = groups if true_sequential else [sum(groups, [])]
+        for stage in stages:
+            H = _collect_hessians(layer, stage, names, groups, plan, inputs, [c[li] for c in calls])
+            for group in groups:
+                todo = [n for n in group if n in stage]
+                tensors.update(_quantize_group(hf, todo, plan, H.get(group[0]), damp, act_order))
+        # the quantized layer's output is the next layer's input
+        with QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf):
+            for b, x in enumerate(inputs):
+                inputs[b] = _run_layer(layer, x, calls[b][li])
+    return tensors
+
+
+def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str], groups: list[list[str]],
+                      plan: Plan, inputs: list, calls: list) -> dict[str, torch.Tensor]:
+    """Sum of ``x^T x`` over calibration tokens, divided by the token count, keyed by the first
+    module of each input group that has a GPTQ spec in ``stage``."""
+    leaders = [g[0] for g in groups if any(n in stage and plan[n].method == "gptq" for n in g)]
+    if not leaders:
+        return {}
+    H: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = defaultdict(int)
+    hooks = []
+    for lead in leaders:
+        def hook(mod, args, lead=lead):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            H[lead] = H[lead] + x.t() @ x if lead in H else x.t() @ x
+            count[lead] += x.shape[0]
+        hooks.append(layer.get_submodule(names[lead]).register_forward_pre_hook(hook))
+    try:
+        for x, call in zip(inputs, calls):
+            _run_layer(layer, x, call)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / count[k] for k, v in H.items()}
+
+
+def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor | None, damp: float,
+                    act_order: bool) -> dict[str, QTensor]:
+    out: dict[str, QTensor] = {}
+    ws = {n: weight_matrix(hf.get_submodule(n)).detach() for n in names}
+    rtn_names = [n for n in names if plan[n].method == "rtn"]
+    for n in rtn_names:
+        out[n] = rtn(ws[n], plan[n])
+    # stack GPTQ matrices with an identical spec: rows are independent given H
+    by_spec: dict = defaultdict(list)
+    for n in names:
+        if plan[n].method == "gptq":
+            by_spec[plan[n]].append(n)
+    for spec, group in by_spec.items():
+        stacked = torch.cat([ws[n] for n in group], dim=0)
+        q = gptq(stacked, H, spec, damp=damp, act_order=act_order)
+        codes, row = q.int_codes(), 0
+        for n in group:
+            rows = ws[n].shape[0]
+            out[n] = QTensor.from_codes(codes[row : row + rows], q.scale[row : row + rows],
+                                        q.zero[row : row + rows], spec.bits, spec.group_size)
+            row += rows
+    return out

@@ -1,0 +1,165 @@
+"""``qdiag`` on the command line: one subcommand per analysis, each writing ``DIR/<name>.json``
+(with a ``rows`` list), the same rows as CSV, and a figure.
+
+    qdiag cliff --model smollm2-135m --bits 16,8,4,3,2 --method rtn,gptq --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return [kind(t) for t in items]
+
+    return parse
+
+
+def _group_size(text: str) -> int | None:
+    if text.lower() in ("none", "channel", "-1"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'channel', got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"group size must be at least 1, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _bits(text: str):
+    from .quantize import parse_bits
+
+    try:
+        return parse_bits(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+
+
+def _method(text: str) -> str:
+    from .quantize import METHODS
+
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHODS)}")
+    return text
+
+
+def common_options(p: argparse.ArgumentParser) -> None:
+    """Options every analysis shares: model, quantizer, data sizes, seed, output folder."""
+    from .models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registered name, hub id, HF folder or .gguf path")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--bits", type=_csv(_bits), default=[16, 8, 4, 3, 2], help="e.g. 16,8,4,3,2 (16 = FP)")
+    p.add_argument("--method", type=_csv(_method), default=["rtn", "gptq"], help="rtn, gptq or both")
+    p.add_argument("--group-size", type=_group_size, default=128, help="integer, or 'channel'")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True)
+    sym.add_argument("--asym", dest="sym", action="store_false")
+    p.add_argument("--facts", type=_positive, default=200, help="ParaRel facts, spread over relations")
+    p.add_argument("--ppl-tokens", type=_positive, default=16384)
+    p.add_argument("--ppl-window", type=_positive, default=512)
+    p.add_argument("--calib-samples", type=_positive, default=64)
+    p.add_argument("--calib-len", type=_positive, default=512)
+    p.add_argument("--data", default=None, help="data folder (default: $QDIAG_DATA, cache, download, probe set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdiag", description="Why does a quantized LLM fail?")
+    parser.add_argument("--version", action="version", version=f"qdiag {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cliff = sub.add_parser("cliff", help="perplexity and factual recall across bit widths")
+    common_options(cliff)
+    cliff.add_argument("--generations", type=int, default=4, help="prompts to show greedy continuations for")
+    cliff.set_defaults(func=cmd_cliff)
+    return parser
+
+
+def setup(args: argparse.Namespace):
+    """Load what every analysis needs: model, facts, perplexity tokens and calibration tokens."""
+    from . import data
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    tok = model.tokenizer
+    facts = data.sample_facts(data.load_pararel(args.data), args.facts, seed=args.seed)
+    ppl_tokens = data.text_tokens(tok, data.load_text("test", args.data), args.ppl_tokens)
+    calib = None
+    if "gptq" in args.method:
+        calib = data.calibration_tokens(tok, args.calib_samples, args.calib_len, args.seed, args.data)
+    return model, facts, ppl_tokens, calib
+
+
+def meta(args: argparse.Namespace, **extra) -> dict:
+    """What the run was: arguments, versions and machine, stored beside the rows."""
+    import torch
+    import transformers
+
+    opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    return {"qdiag": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": opts, **extra}
+
+
+def cmd_cliff(args: argparse.Namespace) -> None:
+    from .cliff import cliff_specs, run_cliff
+    from .io import atomic_write_bytes, write_csv, write_json
+    from .plots import cliff_figure
+
+    specs = cliff_specs(args.bits, args.method, args.group_size, args.sym)
+    model, facts, ppl_tokens, calib = setup(args)
+    res = run_cliff(model, facts, specs, ppl_tokens, args.ppl_window, calib, args.generations, args.seed,
+                    progress=not args.quiet)
+    fig = cliff_figure(res.rows, title=f"{args.model}: the cliff")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120)
+    out = args.out
+    write_json(out / "cliff.json", {"meta": meta(args, n_facts=len(facts), ppl_tokens=int(ppl_tokens.numel())),
+                                    "rows": res.rows.to_dict("records"),
+                                    "generations": res.generations.to_dict("records")})
+    write_csv(out / "cliff.csv", res.rows)
+    write_csv(out / "cliff_prompts.csv", res.prompts)
+    atomic_write_bytes(out / "cliff.png", png.getvalue())
+    print(res.rows[["method", "bits", "avg_bits", "ppl", "acc_any", "acc_majority", "acc_all",
+                    "median_rank"]].to_string(index=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"qdiag {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

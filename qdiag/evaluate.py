@@ -1,0 +1,150 @@
+"""Evaluation: perplexity, factual recall per template (Acc@any / majority / all), the rank of
+the answer, the Robust and Failure subsets, and bootstrap intervals.
+
+Recall scores the first token of the answer (``" " + object``): a prompt is right when that
+token is the model's greedy next token. ParaRel objects can span several tokens of a modern
+tokenizer, so this is first-token accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import unwrap
+from .data import Fact
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4,
+               progress: bool = False) -> float:
+    """exp(mean next-token NLL) over non-overlapping ``window``-token windows from the start of
+    ``tokens`` (1-D); a shorter tail is dropped. Each window's first token is context only."""
+    hf = unwrap(model)
+    n_windows = tokens.numel() // window
+    if n_windows == 0:
+        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {window}")
+    device = next(hf.parameters()).device
+    windows = tokens[: n_windows * window].reshape(n_windows, window)
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress, leave=False):
+        ids = windows[start : start + batch_size].to(device)
+        logits = hf(input_ids=ids, use_cache=False).logits.float()
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum")
+        nll += loss.item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def answer_token(tokenizer, obj: str) -> int:
+    """The first token of ``" " + obj``: the token the model must predict after the prompt."""
+    ids = tokenizer(" " + obj, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"object {obj!r} tokenizes to nothing")
+    return ids[0]
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> dict:
+    """Left-padded batch with position ids that start at 0 on each prompt's first real token."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": enc.input_ids.to(device), "attention_mask": enc.attention_mask.to(device),
+            "position_ids": position_ids.to(device)}
+
+
+def prompt_table(facts: list[Fact], tokenizer) -> pd.DataFrame:
+    """One row per (fact, template): ``fact``, ``relation``, ``template``, ``prompt``, ``answer_id``."""
+    if not facts:
+        raise ValueError("no facts to evaluate")
+    rows = []
+    for f in facts:
+        tok = answer_token(tokenizer, f.obj)
+        for t, (template, prompt) in enumerate(zip(f.templates, f.prompts())):
+            rows.append({"fact": f.id, "relation": f.relation, "template": t, "prompt": prompt, "answer": f.obj,
+                         "answer_id": tok})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def score_prompts(model: nn.Module, tokenizer, table: pd.DataFrame, batch_size: int = 32,
+                  progress: bool = False) -> pd.DataFrame:
+    """Add ``prob``, ``rank`` (1 = top) of the answer token and ``correct`` (greedy hit) per prompt."""
+    hf = unwrap(model)
+    device = next(hf.parameters()).device
+    probs, ranks, preds = [], [], []
+    order = np.argsort(table.prompt.str.len().to_numpy(), kind="stable")  # similar lengths pad less
+    for start in tqdm(range(0, len(order), batch_size), desc="recall", disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = encode_prompts(tokenizer, table.prompt.iloc[idx].tolist(), device)
+        logits = hf(**batch, use_cache=False).logits[:, -1].float()
+        answer = torch.tensor(table.answer_id.iloc[idx].to_numpy(), device=device)
+        target = logits.gather(1, answer[:, None])
+        ranks.append((1 + (logits > target).sum(1)).cpu())
+        probs.append(torch.softmax(logits, -1).gather(1, answer[:, None])[:, 0].cpu())
+        preds.append(logits.argmax(-1).cpu())
+    inv = np.argsort(order)
+    out = table.copy()
+    out["prob"] = torch.cat(probs).numpy()[inv]
+    out["rank"] = torch.cat(ranks).numpy()[inv]
+    out["pred_id"] = torch.cat(preds).numpy()[inv]
+    out["correct"] = out["rank"] == 1
+    return out
+
+
+def fact_accuracy(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per fact: ``any`` (right for at least one template), ``majority`` (more than half), ``all``."""
+    g = scored.groupby("fact", sort=False)["correct"]
+    return pd.DataFrame({"any": g.any(), "majority": g.mean() > 0.5, "all": g.all()})
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling items with replacement)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def accuracy_summary(scored: pd.DataFrame, seed: int = 0) -> dict:
+    """Acc@any / majority / all with 95% bootstrap intervals over facts, and the median rank."""
+    acc = fact_accuracy(scored)
+    out: dict = {}
+    for kind in ("any", "majority", "all"):
+        v = acc[kind].to_numpy()
+        lo, hi = bootstrap_ci(v, seed=seed)
+        out[f"acc_{kind}"], out[f"acc_{kind}_lo"], out[f"acc_{kind}_hi"] = float(v.mean()), lo, hi
+    out["median_rank"] = float(scored["rank"].median())
+    out["n_facts"] = int(len(acc))
+    out["n_prompts"] = int(len(scored))
+    return out
+
+
+def subsets(fp: pd.DataFrame, quant: pd.DataFrame) -> pd.Series:
+    """Per prompt: "robust" (FP and quantized right), "failure" (FP right, quantized wrong), or
+    "fp_wrong"; rows are matched on (fact, template)."""
+    key = ["fact", "template"]
+    m = fp[key + ["correct"]].merge(quant[key + ["correct"]], on=key, suffixes=("_fp", "_q"), validate="1:1")
+    label = np.where(~m.correct_fp, "fp_wrong", np.where(m.correct_q, "robust", "failure"))
+    return pd.Series(label, index=pd.MultiIndex.from_frame(m[key]), name="subset")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
+    """Greedy continuations of each prompt (for showing what a quantized model says)."""
+    hf = unwrap(model)
+    device = next(hf.parameters()).device
+    batch = encode_prompts(tokenizer, prompts, device)
+    batch.pop("position_ids")
+    out = hf.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,91 @@
+"""Swap quantized weights in and out of a model without ever copying its full-precision weights.
+
+``QuantizedWeights`` holds integer codes and scales. While ``applied(model)`` is active, each
+planned module de-quantizes its weight just before its own forward and drops it right after, so
+peak memory grows by the codes plus one de-quantized matrix; the full-precision parameters are
+never written, so leaving the context restores them bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .arch import from_matrix, unwrap, weight_matrix
+from .plan import Plan, validate
+from .quantize import QTensor, rtn
+
+
+class QuantizedWeights:
+    """The quantized view of a model: ``{module name: QTensor}`` plus the plan that made it."""
+
+    def __init__(self, plan: Plan, tensors: dict[str, QTensor], seconds: float = 0.0) -> None:
+        self.plan = plan
+        self.tensors = tensors
+        self.seconds = seconds
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run ``model`` with these weights inside the block; full precision again after it."""
+        modules = dict(unwrap(model).named_modules())
+        handles = []
+        for name, q in self.tensors.items():
+            handles += _install(modules[name], q)
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+            for name in self.tensors:
+                _restore(modules[name])
+
+
+def _install(module: nn.Module, q: QTensor) -> list:
+    def swap_in(mod: nn.Module, args: tuple) -> None:
+        fp = mod._parameters["weight"]
+        mod.__dict__["_qdiag_fp"] = fp  # bypass nn.Module.__setattr__, which would register it
+        # a plain tensor in _parameters: autograd-free, and invisible to optimisers
+        mod._parameters["weight"] = from_matrix(mod, q.dequantize(fp.dtype).to(fp.device))
+
+    def swap_out(mod: nn.Module, args: tuple, output: object) -> None:
+        _restore(mod)
+
+    return [module.register_forward_pre_hook(swap_in), module.register_forward_hook(swap_out)]
+
+
+def _restore(module: nn.Module) -> None:
+    fp = module.__dict__.pop("_qdiag_fp", None)
+    if fp is not None:
+        module._parameters["weight"] = fp
+
+
+def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, damp: float = 0.01,
+                   act_order: bool = False, true_sequential: bool = False, batch_size: int = 8,
+                   progress: bool = True) -> QuantizedWeights:
+    """Quantize the weights a plan names; GPTQ specs need ``calib`` token ids (n, seq_len).
+
+    The model's own parameters are left untouched; use ``.applied(model)`` to run quantized.
+    """
+    validate(model, plan)
+    t0 = time.perf_counter()
+    active = {n: s for n, s in plan.items() if not s.is_full_precision}
+    if any(s.method == "gptq" for s in active.values()):
+        if calib is None or calib.numel() == 0:
+            raise ValueError("GPTQ needs calibration token ids; pass calib=qdiag.data.calibration_tokens(...)")
+        from .calibrate import sequential_quantize
+
+        tensors = sequential_quantize(model, active, calib, damp=damp, act_order=act_order,
+                                      true_sequential=true_sequential, batch_size=batch_size,
+                                      progress=progress)
+    else:
+        modules = dict(unwrap(model).named_modules())
+        tensors = {n: rtn(weight_matrix(modules[n]).detach(), s) for n, s in active.items()}
+    return QuantizedWeights(plan, tensors, time.perf_counter() - t0)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from qdiag.arch import resolve
+from qdiag.calibrate import capture_layer_inputs, sequential_quantize
+from qdiag.plan import uniform_plan
+from qdiag.quantize import QuantSpec
+from qdiag.swap import quantize_model
+from tests.conftest import FAMILIES, calib_ids, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_inputs_are_the_real_layer_inputs(family):
+    model = tiny_model(family)
+    ids = calib_ids(n=3, length=20)
+    arch = resolve(model)
+    first, last = model.get_submodule(arch.layers[0]), model.get_submodule(arch.layers[-1])
+    real = {}
+
+    def keep(key):  # returns None, so the hook changes nothing
+        return lambda mod, args, *out: real.update({key: (out[0] if out else args[0]).clone()})
+
+    hooks = [first.register_forward_pre_hook(keep("in0")), last.register_forward_pre_hook(keep("in_last")),
+             last.register_forward_hook(keep("out_last"))]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    inputs, calls = capture_layer_inputs(model, ids, batch_size=3)
+    torch.testing.assert_close(inputs[0], real["in0"])
+    # replaying the last layer's captured call on its real input gives its real output
+    args, kwargs = calls[0][-1]
+    out = last(real["in_last"], *args, **kwargs)
+    torch.testing.assert_close(out, real["out_last"])
+    assert [x.shape[0] for x in capture_layer_inputs(model, ids, batch_size=2)[0]] == [2, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_gptq_runs_and_stays_close(family):
+    model = tiny_model(family)
+    ids = calib_ids(n=4, length=24)
+    plan = uniform_plan(model, QuantSpec(bits=8, group_size=16, method="gptq"))
+    qw = quantize_model(model, plan, ids, batch_size=2, progress=False)
+    assert set(qw.tensors) == set(plan)
+    with qw.applied(model):
+        q = model(ids).logits
+    fp = model(ids).logits
+    assert (q - fp).abs().max() < 0.05 * fp.abs().max()
+
+
+def test_rtn_specs_in_the_sequential_driver_equal_direct_rtn(model):
+    ids = calib_ids()
+    plan = uniform_plan(model, QuantSpec(bits=3, group_size=16))
+    direct = quantize_model(model, plan)
+    seq = sequential_quantize(model, plan, ids, batch_size=2, progress=False)
+    assert all(torch.equal(seq[n].int_codes(), direct.tensors[n].int_codes()) for n in plan)
+
+
+@pytest.mark.parametrize("true_sequential", [False, True], ids=["all-at-once", "true-sequential"])
+def test_gptq_lowers_output_error_against_rtn(true_sequential):
+    model = tiny_model("llama")
+    ids = calib_ids(n=8, length=32)
+    err = {}
+    fp = model(ids).logits
+    for method in ("rtn", "gptq"):
+        plan = uniform_plan(model, QuantSpec(bits=3, group_size=16, method=method))
+        qw = quantize_model(model, plan, ids, true_sequential=true_sequential, progress=False)
+        with qw.applied(model):
+            err[method] = (model(ids).logits - fp).pow(2).mean().item()
+    assert err["gptq"] < err["rtn"]

@@ -1,0 +1,61 @@
+import copy
+
+import pytest
+import torch
+
+from qdiag.arch import from_matrix
+from qdiag.plan import uniform_plan
+from qdiag.quantize import QuantSpec
+from qdiag.swap import quantize_model
+from tests.conftest import FAMILIES, tiny_model
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_applied_equals_a_model_with_dequantized_weights(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    qw = quantize_model(model, uniform_plan(model, QuantSpec(bits=3, group_size=16)))
+    # independent computation: a deep copy whose weights are overwritten (fine for a tiny model)
+    ref = copy.deepcopy(model)
+    for name, q in qw.tensors.items():
+        m = ref.get_submodule(name)
+        m.weight.data = from_matrix(m, q.dequantize()).contiguous()
+    with qw.applied(model):
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref(ids).logits)
+    assert not torch.allclose(got, model(ids).logits)
+
+
+def test_restore_is_bit_identical_even_after_an_error(model):
+    before = state(model)
+    qw = quantize_model(model, uniform_plan(model, QuantSpec(bits=2, group_size=16)))
+    with pytest.raises(RuntimeError):
+        with qw.applied(model):
+            model(torch.tensor([[1, 2, 3]]))
+            raise RuntimeError("boom")
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.data_ptr() == model.get_parameter(n).data_ptr() for n, p in model.named_parameters())
+
+
+def test_full_precision_plan_is_the_baseline(model):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    qw = quantize_model(model, uniform_plan(model, QuantSpec(bits=16)))
+    assert qw.tensors == {}
+    with qw.applied(model):
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_codes_are_smaller_than_weights(model):
+    qw = quantize_model(model, uniform_plan(model, QuantSpec(bits=4, group_size=32)))
+    weight_bytes = sum(model.get_submodule(n).weight.nbytes for n in qw.tensors)
+    assert qw.nbytes < 0.25 * weight_bytes
+
+
+def test_gptq_without_calibration_raises(model):
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(model, uniform_plan(model, QuantSpec(bits=4, group_size=32, method="gptq")))
