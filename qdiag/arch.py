@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# A path, or a tuple of alternatives, is relative to the causal-LM module (layers, norm, unembed) or to one decoder layer
-# (attn, mlp and the weight types). A weight type may be fused (phi3 "qkv", gpt2 "c_attn").
+# A path (or a tuple of alternatives) is relative to the causal-LM module (layers, norm, unembed)
+# or to one decoder layer (attn, mlp and the weight types). A weight type may be fused
+# (phi3 "qkv", gpt2 "c_attn").
 _LLAMA_LIKE = dict(
     layers="model.layers",
     final_norm="model.norm",

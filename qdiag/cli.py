@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import platform
 import sys
 import time
@@ -33,7 +31,7 @@ def _group_size(text: str) -> int | None:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'channel', got {text!r}")
+        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'channel', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"group size must be at least 1, got {value}")
     return value
@@ -52,7 +50,7 @@ def _bits(text: str):
     try:
         return parse_bits(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err))
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _method(text: str) -> str:
@@ -99,18 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace):
-    """Load what every analysis needs: model, facts, perplexity tokens and calibration tokens."""
-    from . import data
-    from .models import load_model
+    """Load what every analysis needs, with the shared options."""
+    from .experiment import prepare
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    tok = model.tokenizer
-    facts = data.sample_facts(data.load_pararel(args.data), args.facts, seed=args.seed)
-    ppl_tokens = data.text_tokens(tok, data.load_text("test", args.data), args.ppl_tokens)
-    calib = None
-    if "gptq" in args.method:
-        calib = data.calibration_tokens(tok, args.calib_samples, args.calib_len, args.seed, args.data)
-    return model, facts, ppl_tokens, calib
+    return prepare(args.model, args.facts, args.ppl_tokens, args.calib_samples, args.calib_len, args.seed,
+                   args.data, args.device, args.dtype, calibrate="gptq" in args.method)
 
 
 def meta(args: argparse.Namespace, **extra) -> dict:
@@ -126,24 +117,14 @@ def meta(args: argparse.Namespace, **extra) -> dict:
 
 
 def cmd_cliff(args: argparse.Namespace) -> None:
-    from .cliff import cliff_specs, run_cliff
-    from .io import atomic_write_bytes, write_csv, write_json
-    from .plots import cliff_figure
+    from .cliff import cliff_specs, run_cliff, save_cliff
 
     specs = cliff_specs(args.bits, args.method, args.group_size, args.sym)
-    model, facts, ppl_tokens, calib = setup(args)
-    res = run_cliff(model, facts, specs, ppl_tokens, args.ppl_window, calib, args.generations, args.seed,
-                    progress=not args.quiet)
-    fig = cliff_figure(res.rows, title=f"{args.model}: the cliff")
-    png = io.BytesIO()
-    fig.savefig(png, dpi=120)
-    out = args.out
-    write_json(out / "cliff.json", {"meta": meta(args, n_facts=len(facts), ppl_tokens=int(ppl_tokens.numel())),
-                                    "rows": res.rows.to_dict("records"),
-                                    "generations": res.generations.to_dict("records")})
-    write_csv(out / "cliff.csv", res.rows)
-    write_csv(out / "cliff_prompts.csv", res.prompts)
-    atomic_write_bytes(out / "cliff.png", png.getvalue())
+    exp = setup(args)
+    res = run_cliff(exp.model, exp.facts, specs, exp.ppl_tokens, args.ppl_window, exp.calib, args.generations,
+                    args.seed, progress=not args.quiet)
+    save_cliff(res, args.out, meta(args, n_facts=len(exp.facts), ppl_tokens=int(exp.ppl_tokens.numel())),
+               title=f"{args.model}: the cliff")
     print(res.rows[["method", "bits", "avg_bits", "ppl", "acc_any", "acc_majority", "acc_all",
                     "median_rank"]].to_string(index=False))
 

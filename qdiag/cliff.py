@@ -3,9 +3,11 @@ quantizers (analysis 1 of the paper), as one tidy table."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 from . import evaluate as ev
 from .arch import resolve
 from .data import Fact
+from .io import atomic_write_bytes, write_csv, write_json
 from .plan import avg_bits, uniform_plan
 from .quantize import FULL_PRECISION, QuantSpec, parse_bits
 from .swap import quantize_model
@@ -85,3 +88,48 @@ def run_cliff(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], ppl_t
                  for p, g in zip(sample_prompts, texts)]
         del qw
     return CliffResult(pd.DataFrame(rows), pd.concat(prompts, ignore_index=True), pd.DataFrame(gens))
+
+
+def save_cliff(res: CliffResult, out: str | Path, meta: dict, title: str = "") -> None:
+    """Write ``cliff.json`` (meta, rows, generations), ``cliff.csv``, ``cliff_prompts.csv`` and
+    ``cliff.png`` to ``out``; each file is written whole or not at all."""
+    from .plots import cliff_figure
+
+    out = Path(out)
+    fig = cliff_figure(res.rows, title=title)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120)
+    write_json(out / "cliff.json", {"meta": meta, "rows": res.rows.to_dict("records"),
+                                    "generations": res.generations.to_dict("records")})
+    write_csv(out / "cliff.csv", res.rows)
+    write_csv(out / "cliff_prompts.csv", res.prompts)
+    atomic_write_bytes(out / "cliff.png", png.getvalue())
+
+
+# The paper's words, as numbers: a "rank drop" keeps the answer in the top 5, a "rank collapse"
+# sends it to the thousands.
+TOP_K = 5
+COLLAPSE_RANK = 1000
+
+
+def findings(res: CliffResult) -> dict:
+    """The chapter's claims as numbers and booleans, computed from the run (for the book's prose)."""
+    rows = res.rows.set_index(["method", "bits"])
+    fp = rows.loc[("fp", FULL_PRECISION)]
+    out: dict = {"ppl_fp": fp.ppl, "acc_any_fp": fp.acc_any}
+    methods = [m for m in res.rows.method.unique() if m != "fp"]
+    key = ["fact", "template"]
+    right = res.prompts[(res.prompts.method == "fp") & res.prompts.correct][key]
+    out["n_fp_right"] = len(right)
+    for m in methods:
+        for b in rows.loc[m].index:
+            r = rows.loc[(m, b)]
+            out[f"{m}{b}_ppl_ratio"] = r.ppl / fp.ppl
+            out[f"{m}{b}_acc_any"] = r.acc_any
+            ranks = res.prompts[(res.prompts.method == m) & (res.prompts.bits == b)].merge(right, on=key)["rank"]
+            out[f"{m}{b}_median_rank_fp_right"] = float(ranks.median()) if len(ranks) else float("nan")
+            out[f"{m}{b}_top{TOP_K}_share"] = float((ranks <= TOP_K).mean()) if len(ranks) else float("nan")
+    if {"rtn", "gptq"} <= set(methods):
+        for b in sorted(set(rows.loc["rtn"].index) & set(rows.loc["gptq"].index)):
+            out[f"gptq_beats_rtn_{b}"] = bool(rows.loc[("gptq", b)].ppl < rows.loc[("rtn", b)].ppl)
+    return {k: v if isinstance(v, (bool, int, str)) else float(v) for k, v in out.items()}

@@ -66,7 +66,7 @@ def prompt_table(facts: list[Fact], tokenizer) -> pd.DataFrame:
     rows = []
     for f in facts:
         tok = answer_token(tokenizer, f.obj)
-        for t, (template, prompt) in enumerate(zip(f.templates, f.prompts())):
+        for t, prompt in enumerate(f.prompts()):
             rows.append({"fact": f.id, "relation": f.relation, "template": t, "prompt": prompt, "answer": f.obj,
                          "answer_id": tok})
     return pd.DataFrame(rows)

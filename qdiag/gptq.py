@@ -48,6 +48,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W)
+    g_cur = -1
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
@@ -59,15 +60,15 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
             if not static and col % gs == 0:
                 # the group's current (already error-corrected) columns
                 window = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :gs]
-                g = col // gs
-                scale[:, g], zero[:, g] = minmax_params(window, spec.bits, spec.sym)
-            g = group_of[col]
-            s, z = scale[:, g], zero[:, g]
+                scale[:, col // gs], zero[:, col // gs] = minmax_params(window, spec.bits, spec.sym)
+            g = int(group_of[col])
+            if g != g_cur:
+                s, z, g_cur = scale[:, g], zero[:, g], g
             w_col = W1[:, i]
             q = quantize(w_col, s, z, maxq)
             Q1[:, i] = q
             err = (w_col - dequantize(q, s, z)) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

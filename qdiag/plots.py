@@ -31,9 +31,10 @@ def cliff_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     pos = _pos(rows.bits)
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), constrained_layout=True)
     palette = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
-    for m in methods:
+    for k, m in enumerate(methods):
         d = pd.concat([fp, rows[rows.method == m]]).sort_values("bits", ascending=False)
-        x = d.bits.map(pos)
+        x = d.bits.map(pos) + 0.08 * (k - (len(methods) - 1) / 2)  # side by side, not on top
+
         axes[0].plot(x, d.ppl, "o-", color=palette[m], label=m.upper())
         for ax, key in zip(axes[1:], _ACC):
             err = np.vstack([d[key] - d[f"{key}_lo"], d[f"{key}_hi"] - d[key]])

@@ -139,7 +139,7 @@ class QTensor:
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                   group_size: int | None) -> "QTensor":
+                   group_size: int | None) -> QTensor:
         q = q.to(torch.uint8)
         in_features = q.shape[1]
         if bits <= 4:

@@ -15,7 +15,7 @@ def test_every_family_resolves(family):
         assert name in modules
     # every decoder weight matrix is covered exactly once
     linear = {n for n, m in modules.items() if n.startswith(arch.layers[0] + ".") and hasattr(m, "weight")
-              and getattr(m, "weight") is not None and m.weight.dim() == 2}
+              and m.weight is not None and m.weight.dim() == 2}
     assert linear == set(arch.linear_names([0]))
     assert (arch.gate[0] is not None) == (family not in ("phi3", "gpt2", "gpt_neox"))
 

@@ -1,0 +1,100 @@
+"""qdiag's GPTQ against GPTQModel (a maintained implementation), side by side in one run.
+
+Both quantize the same de-quantized reference (the default model) with the same calibration:
+group 128, symmetric, 64 x 512 tokens of WikiText-2 valid; both are scored by the same perplexity
+function on WikiText-2 test. GPTQModel is a benchmark tool here, not a dependency:
+
+    pip install gptqmodel       # in a separate environment is fine
+    python benchmarks/gptq_vs_gptqmodel.py --bits 4 3
+
+Prints, per width, perplexity and quantization seconds of each, and the two ratios the target is
+stated in: ppl(qdiag) / ppl(GPTQModel) (target <= 1.01) and time(qdiag) / time(GPTQModel) (<= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--workers", type=int, default=2, help="GPTQModel CPU workers (the machine's cores)")
+    ap.add_argument("--skip-gptqmodel", action="store_true")
+    args = ap.parse_args()
+
+    from qdiag import data
+    from qdiag import evaluate as ev
+    from qdiag.arch import unwrap
+    from qdiag.models import load_model
+    from qdiag.plan import uniform_plan
+    from qdiag.quantize import QuantSpec
+    from qdiag.swap import quantize_model
+
+    lm = load_model(args.model)
+    tok = lm.tokenizer
+    hf = unwrap(lm)
+    calib = data.calibration_tokens(tok, args.calib_samples, args.calib_len, seed=0)
+    tokens = data.text_tokens(tok, data.load_text("test"), args.ppl_tokens)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; calibration {tuple(calib.shape)}; "
+          f"perplexity on {tokens.numel()} tokens")
+    print(f"reference ppl {ev.perplexity(hf, tokens):.3f}", flush=True)
+
+    results = {}
+    for bits in args.bits:
+        spec = QuantSpec(bits=bits, group_size=args.group_size, sym=True, method="gptq")
+        t0 = time.perf_counter()
+        qw = quantize_model(lm, uniform_plan(lm, spec), calib, batch_size=args.batch_size, progress=False)
+        seconds = time.perf_counter() - t0
+        with qw.applied(lm):
+            ppl = ev.perplexity(hf, tokens)
+        results[("qdiag", bits)] = (ppl, seconds)
+        print(f"qdiag     w{bits}: ppl {ppl:.3f}  quantize {seconds:.1f} s", flush=True)
+
+    if not args.skip_gptqmodel:
+        import gptqmodel
+
+        gptqmodel._default_cpu_workers = lambda: args.workers  # before it builds its pool
+        from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ref_dir = os.path.join(tmp, "reference")
+            hf.save_pretrained(ref_dir)
+            tok.save_pretrained(ref_dir)
+            rows = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in calib.tolist()]
+            for bits in args.bits:
+                cfg = QuantizeConfig(bits=bits, group_size=args.group_size, sym=True)
+                model = GPTQModel.load(ref_dir, cfg, device="cpu")
+                t0 = time.perf_counter()
+                model.quantize(rows, batch_size=args.batch_size, backend=BACKEND.TORCH)
+                seconds = time.perf_counter() - t0
+                out_dir = os.path.join(tmp, f"w{bits}")
+                model.save(out_dir)
+                del model
+                qmodel = GPTQModel.load(out_dir, device="cpu", backend=BACKEND.TORCH)
+                ppl = ev.perplexity(qmodel.model, tokens)
+                results[("gptqmodel", bits)] = (ppl, seconds)
+                print(f"gptqmodel w{bits}: ppl {ppl:.3f}  quantize {seconds:.1f} s "
+                      f"(damp {cfg.damp_percent}, act_group_aware {cfg.act_group_aware}, "
+                      f"true_sequential {cfg.true_sequential})", flush=True)
+                del qmodel
+
+        print("\nbits  ppl ratio (target <= 1.01)  time ratio (target <= 0.5)")
+        for bits in args.bits:
+            (pq, tq), (pg, tg) = results[("qdiag", bits)], results[("gptqmodel", bits)]
+            print(f"{bits:>4}  {pq / pg:>26.4f}  {tq / tg:>26.3f}")
+
+
+if __name__ == "__main__":
+    main()

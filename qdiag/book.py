@@ -1,0 +1,104 @@
+"""Build the book: execute each notebook with papermill (parameters from ``book/params.yml``) into
+``book/chapters/``, write ``book/status.md``, then run ``jupyter-book build`` with execution off
+and warnings as errors.
+
+    python -m qdiag.book            # everything
+    python -m qdiag.book --smoke    # the notebooks' own (small) default parameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+
+from .io import atomic_write_bytes
+
+PACKAGES = ["qdiag", "torch", "transformers", "nnsight", "gguf", "papermill", "jupyter-book", "myst-nb",
+            "matplotlib", "seaborn", "pandas", "numpy"]
+
+
+def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str = "python3") -> float:
+    """Run one notebook with papermill; the output appears only if the whole run succeeds."""
+    import papermill as pm
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".ipynb")
+    os.close(fd)
+    t0 = time.perf_counter()
+    # the kernel inherits this: library progress bars (e.g. GGUF loading) stay out of the pages
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        pm.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(cwd), kernel_name=kernel,
+                            progress_bar=False)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return time.perf_counter() - t0
+
+
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def status_page(runs: list[dict]) -> str:
+    """Markdown for the status page: versions, machine, and each notebook's parameters and time."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    lines = ["# Status", "", "What produced the numbers in this book.", "",
+             f"Built {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.platform()}, "
+             f"{os.cpu_count()} CPU cores, GPU: {gpu}, Python {platform.python_version()}.", "",
+             "| package | version |", "| --- | --- |"]
+    lines += [f"| {p} | {_version(p)} |" for p in PACKAGES]
+    lines += ["", "| notebook | seconds | parameters |", "| --- | --- | --- |"]
+    for r in runs:
+        params = ", ".join(f"`{k}={v!r}`" for k, v in r["parameters"].items()) or "notebook defaults"
+        lines.append(f"| {r['name']} | {r['seconds']:.0f} | {params} |")
+    return "\n".join(lines) + "\n"
+
+
+def build(root: Path, smoke: bool = False, only: list[str] | None = None, render: bool = True) -> int:
+    """Execute the notebooks and build the HTML book under ``root/book/_build``; returns an exit code."""
+    book, notebooks = root / "book", root / "notebooks"
+    params = {} if smoke else (yaml.safe_load((book / "params.yml").read_text()) or {})
+    runs = []
+    for nb in sorted(notebooks.glob("[0-9]*.ipynb")):
+        if only and nb.stem not in only:
+            continue
+        p = params.get(nb.stem, {})
+        print(f"executing {nb.name} {p or '(defaults)'}", flush=True)
+        seconds = execute(nb, book / "chapters" / nb.name, p, cwd=book)
+        runs.append({"name": nb.stem, "seconds": seconds, "parameters": p})
+    atomic_write_bytes(book / "status.md", status_page(runs).encode())
+    if not render:
+        return 0
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(book),
+           "-W", "-n", "--keep-going"]
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qdiag.book", description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path.cwd(), help="the repository root")
+    ap.add_argument("--smoke", action="store_true", help="use the notebooks' default (small) parameters")
+    ap.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to execute")
+    ap.add_argument("--no-render", action="store_true", help="execute only; skip jupyter-book")
+    args = ap.parse_args(argv)
+    return build(args.root, args.smoke, args.only, not args.no_render)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The real default model (SmolLM2-135M, de-quantized from Q4_1): loads, resolves, quantizes and
+restores exactly. One model per module: every test leaves its weights as it found them, which the
+last test checks."""
+
+import hashlib
+
+import pytest
+import torch
+
+from qdiag import data
+from qdiag import evaluate as ev
+from qdiag.arch import resolve, unwrap
+from qdiag.models import load_model
+from qdiag.plan import avg_bits, uniform_plan
+from qdiag.quantize import QuantSpec
+from qdiag.swap import quantize_model
+
+pytestmark = pytest.mark.integration
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in unwrap(model).state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    lm = load_model("smollm2-135m")
+    yield lm, digest(lm)
+
+
+@pytest.fixture(scope="module")
+def ppl_tokens(smollm, data_dir):
+    return data.text_tokens(smollm[0].tokenizer, data.load_text("test", data_dir), 2048)
+
+
+def test_default_model_is_a_llama_with_576_inputs(smollm):
+    arch = resolve(smollm[0])
+    assert arch.family == "llama" and arch.n_layers == 30
+    assert unwrap(smollm[0]).get_submodule(arch.weights[0]["q"]).in_features == 576
+
+
+def test_ragged_group_is_counted(smollm):
+    lm, _ = smollm
+    plan = uniform_plan(lm, QuantSpec(bits=4, group_size=128))
+    # 576 = 4 x 128 + 64 (5 groups), 1536 = 12 x 128 (12 groups)
+    assert 4.13 < avg_bits(lm, plan) < 4.14
+
+
+def test_rtn_orders_perplexity_by_bits(smollm, ppl_tokens):
+    lm, _ = smollm
+    fp = ev.perplexity(lm, ppl_tokens, 512)
+    ppl = {}
+    for bits in (8, 4, 2):
+        qw = quantize_model(lm, uniform_plan(lm, QuantSpec(bits=bits, group_size=128)))
+        with qw.applied(lm):
+            ppl[bits] = ev.perplexity(lm, ppl_tokens, 512)
+    assert fp < ppl[4] < ppl[2] and ppl[8] < ppl[4]
+    assert abs(ppl[8] / fp - 1) < 0.05
+
+
+def test_gptq_beats_rtn_at_3_bits(smollm, ppl_tokens, data_dir):
+    lm, _ = smollm
+    calib = data.calibration_tokens(lm.tokenizer, 16, 256, seed=0, root=data_dir)
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        qw = quantize_model(lm, uniform_plan(lm, QuantSpec(bits=3, group_size=128, method=method)), calib,
+                            progress=False)
+        with qw.applied(lm):
+            ppl[method] = ev.perplexity(lm, ppl_tokens, 512)
+    assert ppl["gptq"] < ppl["rtn"]
+
+
+def test_nnsight_trace_sees_the_quantized_weights(smollm):
+    lm, _ = smollm
+    prompt = "The capital of France is"
+    with lm.trace(prompt):
+        fp = lm.lm_head.output.save()
+    qw = quantize_model(lm, uniform_plan(lm, QuantSpec(bits=2, group_size=128)))
+    with qw.applied(lm):
+        with lm.trace(prompt):
+            q = lm.lm_head.output.save()
+        direct = unwrap(lm)(**lm.tokenizer(prompt, return_tensors="pt")).logits
+    torch.testing.assert_close(q, direct)
+    assert not torch.allclose(fp, q)
+
+
+def test_weights_are_untouched_after_all_of_the_above(smollm):
+    lm, before = smollm
+    assert digest(lm) == before

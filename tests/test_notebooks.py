@@ -1,0 +1,20 @@
+"""Each notebook runs with its own default parameters (a small run) on the default model."""
+
+from pathlib import Path
+
+import pytest
+
+from qdiag.book import execute
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.ipynb"))
+
+
+@pytest.mark.notebook
+@pytest.mark.integration
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_with_defaults(notebook, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("QDIAG_DATA", str(data_dir))
+    out = tmp_path / notebook.name
+    execute(notebook, out, {}, cwd=tmp_path)
+    assert out.exists()
+    assert any((tmp_path / "results").rglob("*.json"))
