@@ -29,7 +29,7 @@ check:
 
 bench:  ## speed and memory benchmarks; they print ratios
 	$(PYTHON) benchmarks/memory.py
-	$(PYTHON) benchmarks/gptq_time.py
+	$(PYTHON) benchmarks/gptq_vs_gptqmodel.py --skip-gptqmodel  # add GPTQModel: see the script
 
 clean:
 	rm -rf book/_build book/chapters book/results book/status.md

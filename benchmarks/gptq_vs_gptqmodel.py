@@ -70,8 +70,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             ref_dir = os.path.join(tmp, "reference")
-            hf.save_pretrained(ref_dir)
-            tok.save_pretrained(ref_dir)
+            save_reference(hf, tok, ref_dir)
             rows = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in calib.tolist()]
             for bits in args.bits:
                 cfg = QuantizeConfig(bits=bits, group_size=args.group_size, sym=True)
@@ -94,6 +93,22 @@ def main() -> None:
         for bits in args.bits:
             (pq, tq), (pg, tg) = results[("qdiag", bits)], results[("gptqmodel", bits)]
             print(f"{bits:>4}  {pq / pg:>26.4f}  {tq / tg:>26.3f}")
+
+
+def save_reference(hf, tok, path: str) -> None:
+    """Save the de-quantized float model as a plain Hugging Face folder (a GGUF-loaded model
+    refuses save_pretrained), so that GPTQModel starts from exactly the same weights."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(hf.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(path)
+    tok.save_pretrained(path)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
 
 @torch.no_grad()
 def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, damp: float = 0.01,
-                        act_order: bool = False, true_sequential: bool = False, batch_size: int = 8,
+                        order: str = "group", true_sequential: bool = True, batch_size: int = 8,
                         progress: bool = True) -> dict[str, QTensor]:
     """Quantize every planned matrix layer by layer; GPTQ specs use the calibration inputs.
 
@@ -131,10 +131,13 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
         groups = _input_groups(layer, names, inputs[0], calls[0][li])
         stages = groups if true_sequential else [sum(groups, [])]
         for stage in stages:
-            H = _collect_hessians(layer, stage, names, groups, plan, inputs, [c[li] for c in calls])
+            # earlier stages of this layer run quantized while this stage's inputs are collected
+            done = QuantizedWeights(plan, {n: tensors[n] for n in names if n in tensors})
+            with done.applied(hf):
+                H = _collect_hessians(layer, stage, names, groups, plan, inputs, [c[li] for c in calls])
             for group in groups:
                 todo = [n for n in group if n in stage]
-                tensors.update(_quantize_group(hf, todo, plan, H.get(group[0]), damp, act_order))
+                tensors.update(_quantize_group(hf, todo, plan, H.get(group[0]), damp, order))
         # the quantized layer's output is the next layer's input
         with QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf):
             for b, x in enumerate(inputs):
@@ -168,7 +171,7 @@ def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str],
 
 
 def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor | None, damp: float,
-                    act_order: bool) -> dict[str, QTensor]:
+                    order: str) -> dict[str, QTensor]:
     out: dict[str, QTensor] = {}
     ws = {n: weight_matrix(hf.get_submodule(n)).detach() for n in names}
     rtn_names = [n for n in names if plan[n].method == "rtn"]
@@ -181,7 +184,7 @@ def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor
             by_spec[plan[n]].append(n)
     for spec, group in by_spec.items():
         stacked = torch.cat([ws[n] for n in group], dim=0)
-        q = gptq(stacked, H, spec, damp=damp, act_order=act_order)
+        q = gptq(stacked, H, spec, damp=damp, order=order)
         codes, row = q.int_codes(), 0
         for n in group:
             rows = ws[n].shape[0]

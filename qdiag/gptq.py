@@ -11,14 +11,40 @@ import torch
 
 from .quantize import QTensor, QuantSpec, dequantize, grouped, minmax_params, n_groups, quantize
 
+ORDERS = ("natural", "act", "group")
+
+
+def column_order(diag: torch.Tensor, group_size: int | None, order: str) -> torch.Tensor | None:
+    """The order GPTQ visits columns in; None for the natural order.
+
+    ``act``: all columns by decreasing ``diag(H)`` (act-order). ``group``: group-aware reordering
+    as in GPTQModel: full groups by their largest ``diag(H)``, columns within a group by
+    ``diag(H)``, a ragged last group kept last, so every group stays contiguous in visiting order.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"unknown GPTQ column order {order!r}; choose one of {', '.join(ORDERS)}")
+    if order == "natural" or (order == "group" and group_size is None):
+        return None
+    if order == "act":
+        return torch.argsort(diag, descending=True)
+    n_full = diag.numel() // group_size
+    full = diag[: n_full * group_size].view(n_full, group_size)
+    local = torch.argsort(full, dim=1, descending=True, stable=True)
+    groups = torch.argsort(full.amax(dim=1), descending=True, stable=True)
+    starts = torch.arange(n_full, device=diag.device)[:, None] * group_size
+    perm = (local + starts)[groups].reshape(-1)
+    tail = torch.arange(n_full * group_size, diag.numel(), device=diag.device)
+    return torch.cat((perm, tail))
+
 
 def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False) -> QTensor:
+         order: str = "natural") -> QTensor:
     """Quantize ``w`` (out, in) against the input second moment ``H`` (in, in).
 
-    Groups are contiguous in the original column order. With ``act_order`` the columns are visited
-    in order of decreasing ``diag(H)`` and the group parameters are fixed up front from ``w``
-    ("static groups"), so the stored layout is the same as without it.
+    Groups are contiguous in the original column order, so the stored layout never depends on
+    ``order``. With ``order="act"`` the group parameters are fixed up front from ``w`` ("static
+    groups"); otherwise each group's are found when GPTQ reaches it, from its error-corrected
+    columns.
     """
     spec.check(w.shape[1])
     W = w.detach().clone().float()
@@ -32,13 +58,13 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    static = act_order or gs is None
+    static = order == "act" or gs is None
     scale = torch.zeros(out, G, device=W.device)
     zero = torch.zeros(out, G, device=W.device)
     if static:
         scale, zero = minmax_params(grouped(W, gs), spec.bits, spec.sym)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    perm = column_order(torch.diag(H), gs, order)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     group_of = (perm if perm is not None else torch.arange(cols, device=W.device))
@@ -60,7 +86,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
             if not static and col % gs == 0:
                 # the group's current (already error-corrected) columns
                 window = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :gs]
-                scale[:, col // gs], zero[:, col // gs] = minmax_params(window, spec.bits, spec.sym)
+                g_new = int(group_of[col])  # visiting order keeps groups contiguous
+                scale[:, g_new], zero[:, g_new] = minmax_params(window, spec.bits, spec.sym)
             g = int(group_of[col])
             if g != g_cur:
                 s, z, g_cur = scale[:, g], zero[:, g], g

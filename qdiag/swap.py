@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import from_matrix, unwrap, weight_matrix
+from .gptq import ORDERS
 from .plan import Plan, validate
 from .quantize import QTensor, rtn
 
@@ -68,13 +69,15 @@ def _restore(module: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, damp: float = 0.01,
-                   act_order: bool = False, true_sequential: bool = False, batch_size: int = 8,
+                   order: str = "group", true_sequential: bool = True, batch_size: int = 8,
                    progress: bool = True) -> QuantizedWeights:
     """Quantize the weights a plan names; GPTQ specs need ``calib`` token ids (n, seq_len).
 
     The model's own parameters are left untouched; use ``.applied(model)`` to run quantized.
     """
     validate(model, plan)
+    if order not in ORDERS:
+        raise ValueError(f"unknown GPTQ column order {order!r}; choose one of {', '.join(ORDERS)}")
     t0 = time.perf_counter()
     active = {n: s for n, s in plan.items() if not s.is_full_precision}
     if any(s.method == "gptq" for s in active.values()):
@@ -82,7 +85,7 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
             raise ValueError("GPTQ needs calibration token ids; pass calib=qdiag.data.calibration_tokens(...)")
         from .calibrate import sequential_quantize
 
-        tensors = sequential_quantize(model, active, calib, damp=damp, act_order=act_order,
+        tensors = sequential_quantize(model, active, calib, damp=damp, order=order,
                                       true_sequential=true_sequential, batch_size=batch_size,
                                       progress=progress)
     else:

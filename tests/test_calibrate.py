@@ -69,3 +69,16 @@ def test_gptq_lowers_output_error_against_rtn(true_sequential):
         with qw.applied(model):
             err[method] = (model(ids).logits - fp).pow(2).mean().item()
     assert err["gptq"] < err["rtn"]
+
+
+def test_true_sequential_sees_the_quantized_earlier_stages():
+    # the down projection's inputs differ once gate/up are quantized, so its codes must differ too
+    model = tiny_model("llama")
+    ids = calib_ids(n=8, length=32)
+    plan = uniform_plan(model, QuantSpec(bits=2, group_size=16, method="gptq"))
+    a = sequential_quantize(model, plan, ids, true_sequential=False, progress=False)
+    b = sequential_quantize(model, plan, ids, true_sequential=True, progress=False)
+    first = "model.layers.0.self_attn.q_proj"  # the first stage sees the same inputs either way
+    assert torch.equal(a[first].int_codes(), b[first].int_codes())
+    down = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(a[down].int_codes(), b[down].int_codes())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qdiag.gptq import gptq, reconstruction_error
+from qdiag.gptq import column_order, gptq, reconstruction_error
 from qdiag.quantize import QuantSpec, rtn
 
 
@@ -14,13 +14,13 @@ def correlated_inputs(n=512, d=48, seed=0):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [None, 16, 20], ids=["channel", "g16", "g20-ragged"])
-@pytest.mark.parametrize("act_order", [False, True], ids=["", "act_order"])
-def test_gptq_beats_rtn_on_layer_output(bits, group, act_order):
+@pytest.mark.parametrize("order", ["natural", "act", "group"])
+def test_gptq_beats_rtn_on_layer_output(bits, group, order):
     X = correlated_inputs()
     H = X.t() @ X / X.shape[0]
     w = torch.randn(32, X.shape[1], generator=torch.Generator().manual_seed(1))
     spec = QuantSpec(bits=bits, group_size=group, method="gptq")
-    e_gptq = reconstruction_error(w, gptq(w, H, spec, act_order=act_order).dequantize(), H)
+    e_gptq = reconstruction_error(w, gptq(w, H, spec, order=order).dequantize(), H)
     e_rtn = reconstruction_error(w, rtn(w, spec).dequantize(), H)
     assert e_gptq < e_rtn
 
@@ -46,3 +46,12 @@ def test_dead_inputs_are_zeroed():
     H[3, 3] = 0  # an input that is never active
     q = gptq(torch.randn(4, 8), H, QuantSpec(bits=4, group_size=None))
     assert torch.all(q.dequantize()[:, 3] == 0)
+
+
+def test_group_order_keeps_groups_contiguous():
+    diag = torch.tensor([1.0, 5.0, 2.0, 9.0, 3.0, 4.0, 0.5])  # groups of 3: [0..2], [3..5], tail [6]
+    perm = column_order(diag, 3, "group").tolist()
+    assert perm == [3, 5, 4, 1, 2, 0, 6]  # group 1 (max 9) first, each group sorted, the tail last
+    assert column_order(diag, 3, "act").tolist() == [3, 1, 5, 4, 2, 0, 6]
+    with pytest.raises(ValueError, match="column order"):
+        column_order(diag, 3, "random")
