@@ -77,7 +77,8 @@ def measure(mode: str, args) -> dict:
         with qw.applied(model):
             ev.perplexity(hf, tokens, args.window, batch_size=1)
         ev.perplexity(hf, tokens, args.window, batch_size=1)
-    return {"weight_bytes": weight_bytes, "peak": peak_bytes(args.device), "codes_bytes": qw.nbytes}
+    return {"weight_bytes": weight_bytes, "peak": peak_bytes(args.device), "codes_bytes": qw.nbytes,
+            "quant_seconds": qw.seconds}
 
 
 def main() -> None:
@@ -106,10 +107,11 @@ def main() -> None:
     wb = base["weight_bytes"]
     print(f"model weights {wb / 2**20:.0f} MiB ({args.random or args.model}, {args.dtype}, {args.device}); "
           f"baseline peak {base['peak'] / 2**20:.0f} MiB")
-    print("mode       extra peak / weight bytes   codes / weight bytes")
+    print("mode       extra peak / weight bytes   codes / weight bytes   quantize seconds")
     for mode in args.modes:
         r = results[mode]
-        print(f"{mode:<10} {(r['peak'] - base['peak']) / wb:>24.3f}   {r['codes_bytes'] / wb:>20.3f}")
+        print(f"{mode:<10} {(r['peak'] - base['peak']) / wb:>24.3f}   {r['codes_bytes'] / wb:>20.3f}"
+              f"   {r['quant_seconds']:>16.1f}")
 
 
 if __name__ == "__main__":
