@@ -1,0 +1,102 @@
+"""Component and representation metrics (analyses 4 and 5 of the paper) as plain functions on
+tensors. Shapes use these names throughout:
+
+- ``attn``: attention probabilities ``(batch, head, query, key)``, rows summing to 1 over keys;
+  causal, so query ``t`` sees keys ``0..t``.
+- ``x``, ``y``: activations ``(n, d)``: n samples (tokens) by d features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_EPS = 1e-12
+
+
+def attention_entropy(attn: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Normalized entropy ``H(A_t) / log(t + 1)`` per (batch, head, query): 1 is uniform over the
+    visible keys, 0 is one-hot. Query 0 (one visible key) is defined as 0. With ``causal=False``
+    the normaliser is ``log(n_keys)``. Returns ``(batch, head, query)``."""
+    p = attn.float().clamp_min(0)
+    h = -(p * torch.log(p.clamp_min(_EPS))).sum(-1)
+    q = attn.shape[-2]
+    if causal:
+        visible = torch.arange(1, q + 1, device=attn.device, dtype=torch.float32)
+    else:
+        visible = torch.full((q,), float(attn.shape[-1]), device=attn.device)
+    norm = torch.log(visible)
+    return torch.where(norm > 0, h / norm.clamp_min(_EPS), torch.zeros_like(h))
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log, so at most log 2) between distributions over the
+    last dimension; any leading shape."""
+    p, q = p.float(), q.float()
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (torch.log(a.clamp_min(_EPS)) - torch.log(b.clamp_min(_EPS)))).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def sign_flip_rate(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """Share of entries whose sign differs (e.g. MLP gate pre-activations, FP vs quantized);
+    exact zeros count as positive."""
+    return float(((ref >= 0) != (other >= 0)).float().mean())
+
+
+def topk_jaccard(ref: torch.Tensor, other: torch.Tensor, fraction: float = 0.01) -> float:
+    """Mean over rows (tokens) of the Jaccard overlap of the ``fraction`` most activated features
+    (by value) of ``ref`` and of ``other``; both ``(n, d)``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    k = max(1, math.ceil(fraction * ref.shape[-1]))
+    a = torch.zeros_like(ref, dtype=torch.bool).scatter_(-1, ref.topk(k, dim=-1).indices, True)
+    b = torch.zeros_like(other, dtype=torch.bool).scatter_(-1, other.topk(k, dim=-1).indices, True)
+    inter = (a & b).sum(-1).float()
+    union = (a | b).sum(-1).float()
+    return float((inter / union).mean())
+
+
+def mean_cosine(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over rows of the cosine similarity of ``ref`` and ``other`` ``(n, d)``."""
+    return float(torch.nn.functional.cosine_similarity(ref.float(), other.float(), dim=-1, eps=_EPS).mean())
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al., 2019) between ``x (n, d1)`` and ``y (n, d2)``, features
+    centred over the n samples: ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    num = (y.t() @ x).norm() ** 2
+    den = (x.t() @ x).norm() * (y.t() @ y).norm()
+    return float(num / den) if den > 0 else float("nan")
+
+
+def principal_directions(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k right singular vectors of ``x (n, d)`` centred over samples: ``(d, k)``."""
+    x = x.double() - x.double().mean(0)
+    k = min(k, *x.shape)
+    return torch.linalg.svd(x, full_matrices=False).Vh[:k].t()
+
+
+def subspace_similarity(u: torch.Tensor, v: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the column spaces of orthonormal
+    ``u (d, k)`` and ``v (d, k)``: ``(1/k) sum_i sigma_i(u^T v)^2``; 1 same space, 0 orthogonal."""
+    s = torch.linalg.svdvals(u.double().t() @ v.double())
+    return float((s**2).sum() / min(u.shape[1], v.shape[1]))
+
+
+def activation_subspace_similarity(x: torch.Tensor, y: torch.Tensor, k: int = 50) -> float:
+    """Subspace similarity of the top-k principal directions of two activation matrices."""
+    return subspace_similarity(principal_directions(x, k), principal_directions(y, k))
+
+
+def error_alignment(ref: torch.Tensor, other: torch.Tensor, k: int = 50) -> float:
+    """How much of the error ``other - ref`` lies in ``ref``'s signal subspace: the subspace
+    similarity of the error's top-k principal directions with ``ref``'s. About k/d for isotropic
+    noise; near 1 when the error moves along the main features."""
+    return activation_subspace_similarity(ref, other.float() - ref.float(), k)

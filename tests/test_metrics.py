@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from qdiag import metrics as M
+
+
+def causal_uniform(q: int) -> torch.Tensor:
+    a = torch.tril(torch.ones(q, q))
+    return (a / a.sum(-1, keepdim=True))[None, None]
+
+
+def test_entropy_uniform_is_one_and_one_hot_is_zero():
+    e = M.attention_entropy(causal_uniform(6))
+    assert e[..., 0].item() == 0  # one visible key
+    torch.testing.assert_close(e[..., 1:], torch.ones(1, 1, 5))
+    one_hot = torch.zeros(1, 2, 6, 6)
+    one_hot[..., 0] = 1
+    assert torch.all(M.attention_entropy(one_hot) == 0)
+
+
+def test_entropy_by_hand():
+    a = torch.tensor([[0.5, 0.25, 0.25]])[None, None]  # one query that sees 3 keys, non-causal
+    want = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / math.log(3)
+    assert M.attention_entropy(a, causal=False).item() == pytest.approx(want)
+
+
+def test_jsd_identical_and_disjoint():
+    p = torch.tensor([0.2, 0.3, 0.5])
+    assert M.js_divergence(p, p).item() == pytest.approx(0, abs=1e-7)
+    a, b = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0, 0.5, 0.5])
+    assert M.js_divergence(a, b).item() == pytest.approx(math.log(2))
+
+
+def test_identical_inputs_give_identity_values():
+    x = torch.randn(64, 200, generator=torch.Generator().manual_seed(0))
+    assert M.sign_flip_rate(x, x) == 0
+    assert M.topk_jaccard(x, x) == 1
+    assert M.mean_cosine(x, x) == pytest.approx(1)
+    assert M.linear_cka(x, x) == pytest.approx(1)
+    assert M.activation_subspace_similarity(x, x, k=10) == pytest.approx(1)
+
+
+def test_sign_flip_rate_of_negation():
+    x = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    assert M.sign_flip_rate(x, -x) == 1
+    assert M.sign_flip_rate(x, torch.tensor([1.0, 2.0, 3.0, 0.5])) == 0.25
+
+
+def test_jaccard_by_hand():
+    a = torch.tensor([[5.0, 4.0, 0.0, 0.0]])
+    b = torch.tensor([[5.0, 0.0, 4.0, 0.0]])
+    assert M.topk_jaccard(a, b, fraction=0.5) == pytest.approx(1 / 3)  # {0,1} vs {0,2}
+
+
+def test_cka_invariances():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(100, 8, generator=g)
+    y = x @ torch.randn(8, 8, generator=g) + 0.3 * torch.randn(100, 8, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    base = M.linear_cka(x, y)
+    assert M.linear_cka(x @ q, y) == pytest.approx(base)  # orthogonal transform
+    assert M.linear_cka(3.7 * x, y) == pytest.approx(base)  # isotropic scaling
+    assert 0 < base < 1
+
+
+def test_subspace_same_and_orthogonal():
+    eye = torch.eye(6)
+    assert M.subspace_similarity(eye[:, :3], eye[:, :3]) == pytest.approx(1)
+    assert M.subspace_similarity(eye[:, :3], eye[:, 3:]) == pytest.approx(0)
+    rot, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))
+    assert M.subspace_similarity(eye[:, :3], eye[:, :3] @ rot) == pytest.approx(1)  # same span
+
+
+def test_error_alignment_of_isotropic_noise_is_about_k_over_d():
+    g = torch.Generator().manual_seed(0)
+    d, k = 200, 10
+    # a signal with a strong low-rank part, and isotropic noise on top
+    signal = torch.randn(4000, k, generator=g) @ torch.randn(k, d, generator=g) * 3
+    noisy = signal + torch.randn(4000, d, generator=g)
+    assert M.error_alignment(signal, noisy, k=k) == pytest.approx(k / d, abs=0.05)
+    # an error along the signal's own directions is fully aligned
+    assert M.error_alignment(signal, 1.5 * signal, k=k) == pytest.approx(1, abs=1e-6)
