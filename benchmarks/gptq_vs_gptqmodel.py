@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=2, help="GPTQModel CPU workers (the machine's cores)")
     ap.add_argument("--skip-gptqmodel", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=["default", "fast"],
+                    help="qdiag settings: default (true-sequential stages) and fast (one stage per layer)")
     args = ap.parse_args()
 
     from qdiag import data
@@ -54,13 +56,15 @@ def main() -> None:
     results = {}
     for bits in args.bits:
         spec = QuantSpec(bits=bits, group_size=args.group_size, sym=True, method="gptq")
-        t0 = time.perf_counter()
-        qw = quantize_model(lm, uniform_plan(lm, spec), calib, batch_size=args.batch_size, progress=False)
-        seconds = time.perf_counter() - t0
-        with qw.applied(lm):
-            ppl = ev.perplexity(hf, tokens)
-        results[("qdiag", bits)] = (ppl, seconds)
-        print(f"qdiag     w{bits}: ppl {ppl:.3f}  quantize {seconds:.1f} s", flush=True)
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            qw = quantize_model(lm, uniform_plan(lm, spec), calib, batch_size=args.batch_size, progress=False,
+                                true_sequential=variant == "default")
+            seconds = time.perf_counter() - t0
+            with qw.applied(lm):
+                ppl = ev.perplexity(hf, tokens)
+            results[(f"qdiag-{variant}", bits)] = (ppl, seconds)
+            print(f"qdiag-{variant:<8} w{bits}: ppl {ppl:.3f}  quantize {seconds:.1f} s", flush=True)
 
     if not args.skip_gptqmodel:
         import gptqmodel
@@ -82,17 +86,34 @@ def main() -> None:
                 model.save(out_dir)
                 del model
                 qmodel = GPTQModel.load(out_dir, device="cpu", backend=BACKEND.TORCH)
-                ppl = ev.perplexity(qmodel.model, tokens)
+                ppl = ev.perplexity(dequantized_copy(qmodel.model, ref_dir), tokens)
                 results[("gptqmodel", bits)] = (ppl, seconds)
                 print(f"gptqmodel w{bits}: ppl {ppl:.3f}  quantize {seconds:.1f} s "
                       f"(damp {cfg.damp_percent}, act_group_aware {cfg.act_group_aware}, "
                       f"true_sequential {cfg.true_sequential})", flush=True)
                 del qmodel
 
-        print("\nbits  ppl ratio (target <= 1.01)  time ratio (target <= 0.5)")
-        for bits in args.bits:
-            (pq, tq), (pg, tg) = results[("qdiag", bits)], results[("gptqmodel", bits)]
-            print(f"{bits:>4}  {pq / pg:>26.4f}  {tq / tg:>26.3f}")
+        print("\nqdiag / GPTQModel      bits  ppl ratio (target <= 1.01)  time ratio (target <= 0.5)")
+        for variant in args.variants:
+            for bits in args.bits:
+                (pq, tq), (pg, tg) = results[(f"qdiag-{variant}", bits)], results[("gptqmodel", bits)]
+                print(f"{variant:<22} {bits:>4}  {pq / pg:>26.4f}  {tq / tg:>26.3f}")
+
+
+def dequantized_copy(qmodel, ref_dir: str):
+    """The reference model with GPTQModel's de-quantized weights copied in: the same numbers as
+    its own kernels compute, scored with plain float matmuls (its CPU kernels are slow to run)."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    for name, module in qmodel.named_modules():
+        if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
+            target = plain.get_submodule(name)
+            w = module.dequantize_weight().float()
+            if w.shape != target.weight.shape:
+                w = w.t()
+            target.weight.data.copy_(w)
+    return plain
 
 
 def save_reference(hf, tok, path: str) -> None:

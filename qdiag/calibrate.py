@@ -133,13 +133,13 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
         for stage in stages:
             # earlier stages of this layer run quantized while this stage's inputs are collected
             done = QuantizedWeights(plan, {n: tensors[n] for n in names if n in tensors})
-            with done.applied(hf):
+            with done.applied(hf, cache=True):
                 H = _collect_hessians(layer, stage, names, groups, plan, inputs, [c[li] for c in calls])
             for group in groups:
                 todo = [n for n in group if n in stage]
                 tensors.update(_quantize_group(hf, todo, plan, H.get(group[0]), damp, order))
         # the quantized layer's output is the next layer's input
-        with QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf):
+        with QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf, cache=True):
             for b, x in enumerate(inputs):
                 inputs[b] = _run_layer(layer, x, calls[b][li])
     return tensors
@@ -148,7 +148,11 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
 def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str], groups: list[list[str]],
                       plan: Plan, inputs: list, calls: list) -> dict[str, torch.Tensor]:
     """Sum of ``x^T x`` over calibration tokens, divided by the token count, keyed by the first
-    module of each input group that has a GPTQ spec in ``stage``."""
+    module of each input group that has a GPTQ spec in ``stage``.
+
+    The layer's forward stops as soon as the last of those modules has seen its input: the
+    first stage (q, k, v) then costs only the input norm, and no stage runs the down projection.
+    """
     leaders = [g[0] for g in groups if any(n in stage and plan[n].method == "gptq" for n in g)]
     if not leaders:
         return {}
@@ -160,10 +164,15 @@ def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str],
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             H[lead] = H[lead] + x.t() @ x if lead in H else x.t() @ x
             count[lead] += x.shape[0]
+            if lead == leaders[-1]:
+                raise _Stop
         hooks.append(layer.get_submodule(names[lead]).register_forward_pre_hook(hook))
     try:
         for x, call in zip(inputs, calls):
-            _run_layer(layer, x, call)
+            try:
+                _run_layer(layer, x, call)
+            except _Stop:
+                pass
     finally:
         for h in hooks:
             h.remove()

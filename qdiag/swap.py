@@ -34,12 +34,16 @@ class QuantizedWeights:
         return sum(t.nbytes for t in self.tensors.values())
 
     @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Run ``model`` with these weights inside the block; full precision again after it."""
+    def applied(self, model: nn.Module, cache: bool = False) -> Iterator[nn.Module]:
+        """Run ``model`` with these weights inside the block; full precision again after it.
+
+        ``cache=True`` de-quantizes every matrix once on entry instead of at each forward: faster
+        for many forwards, at the cost of holding the de-quantized matrices (use it for a few).
+        """
         modules = dict(unwrap(model).named_modules())
         handles = []
         for name, q in self.tensors.items():
-            handles += _install(modules[name], q)
+            handles += _install(modules[name], q, cache)
         try:
             yield model
         finally:
@@ -49,12 +53,16 @@ class QuantizedWeights:
                 _restore(modules[name])
 
 
-def _install(module: nn.Module, q: QTensor) -> list:
+def _install(module: nn.Module, q: QTensor, cache: bool = False) -> list:
+    fp0 = module._parameters["weight"]
+    cached = from_matrix(module, q.dequantize(fp0.dtype).to(fp0.device)) if cache else None
+
     def swap_in(mod: nn.Module, args: tuple) -> None:
         fp = mod._parameters["weight"]
         mod.__dict__["_qdiag_fp"] = fp  # bypass nn.Module.__setattr__, which would register it
         # a plain tensor in _parameters: autograd-free, and invisible to optimisers
-        mod._parameters["weight"] = from_matrix(mod, q.dequantize(fp.dtype).to(fp.device))
+        mod._parameters["weight"] = cached if cached is not None else from_matrix(
+            mod, q.dequantize(fp.dtype).to(fp.device))
 
     def swap_out(mod: nn.Module, args: tuple, output: object) -> None:
         _restore(mod)

@@ -1,0 +1,80 @@
+"""Trace a model with nnsight: collect, per decoder layer, the activations the component and
+representation metrics need, for one batch of prompts.
+
+What can be collected (``what``), per layer ``l``:
+- ``resid``: the residual stream after layer l, ``(batch, pos, d_model)``
+- ``attn``: attention probabilities, ``(batch, head, pos, pos)`` (run with eager attention)
+- ``gate``: MLP gate pre-activations ``(batch, pos, d_mlp)`` (phi3: the gate half of its fused
+  projection); for families without a gated MLP (gpt2, gpt_neox), the first projection's output
+- ``mlp_act``: the MLP's hidden activations entering the down projection ``(batch, pos, d_mlp)``
+- ``mlp_out``: the MLP's output ``(batch, pos, d_model)``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .arch import Arch, resolve, unwrap
+
+KINDS = ("attn", "gate", "mlp_act", "mlp_out", "resid")  # in execution order within a layer
+
+
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Use the eager attention kernel inside the block, so attention probabilities exist."""
+    hf = unwrap(model)
+    before = hf.config._attn_implementation
+    if before != "eager":
+        hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if before != "eager":
+            hf.set_attn_implementation(before)
+
+
+def _path(arch: Arch, kind: str, layer: int) -> str:
+    if kind == "attn":
+        return f"{arch.attn[layer]}.output"
+    if kind == "gate":
+        w = arch.weights[layer]
+        return f"{arch.gate[layer] or w.get('up') or w['gate_up']}.output"
+    if kind == "mlp_act":
+        return f"{arch.weights[layer]['down']}.input"
+    if kind == "mlp_out":
+        return f"{arch.mlp[layer]}.output"
+    return f"{arch.layers[layer]}.output"
+
+
+@torch.no_grad()
+def collect(model, batch: dict, what: tuple[str, ...] = KINDS, layers: list[int] | None = None,
+            arch: Arch | None = None) -> dict[str, list[torch.Tensor]]:
+    """Run one traced forward on ``batch`` (input_ids, attention_mask, ...) and return
+    ``{kind: [tensor per layer]}`` on the CPU, in float32."""
+    unknown = set(what) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown activation kinds {sorted(unknown)}; choose from {KINDS}")
+    arch = arch or resolve(model)
+    layers = list(range(arch.n_layers)) if layers is None else layers
+    order = [k for k in KINDS if k in what]
+    saved: dict[str, list] = {k: [] for k in order}
+    with eager_attention(model) if "attn" in what else _nothing():
+        with model.trace(**batch):
+            for i in layers:
+                for kind in order:
+                    path = _path(arch, kind, i)
+                    value = model.get(path)
+                    if kind == "attn":
+                        value = value[1]
+                    elif kind == "gate" and path == f"{arch.weights[i].get('gate_up')}.output":
+                        value = value[..., : value.shape[-1] // 2]  # phi3: [gate, up] fused
+                    saved[kind].append(value.save())
+    return {k: [t.float().cpu() for t in v] for k, v in saved.items()}
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
