@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=2, help="GPTQModel CPU workers (the machine's cores)")
     ap.add_argument("--skip-gptqmodel", action="store_true")
-    ap.add_argument("--variants", nargs="+", default=["default", "fast"],
+    ap.add_argument("--variants", nargs="*", default=["default", "fast"],
                     help="qdiag settings: default (true-sequential stages) and fast (one stage per layer)")
     args = ap.parse_args()
 
@@ -93,6 +93,8 @@ def main() -> None:
                       f"true_sequential {cfg.true_sequential})", flush=True)
                 del qmodel
 
+        if not args.variants:
+            return
         print("\nqdiag / GPTQModel      bits  ppl ratio (target <= 1.01)  time ratio (target <= 0.5)")
         for variant in args.variants:
             for bits in args.bits:
@@ -109,10 +111,8 @@ def dequantized_copy(qmodel, ref_dir: str):
     for name, module in qmodel.named_modules():
         if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
             target = plain.get_submodule(name)
-            w = module.dequantize_weight().float()
-            if w.shape != target.weight.shape:
-                w = w.t()
-            target.weight.data.copy_(w)
+            # GPTQ packs along the inputs: de-quantized weights come out (in, out)
+            target.weight.data.copy_(module.dequantize_weight().float().t())
     return plain
 
 

@@ -34,13 +34,18 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: s
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".ipynb")
     os.close(fd)
     t0 = time.perf_counter()
-    # the kernel inherits this: library progress bars (e.g. GGUF loading) stay out of the pages
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    # the kernel inherits the environment: library progress bars (GGUF loading) stay out of the pages
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         pm.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(cwd), kernel_name=kernel,
                             progress_bar=False)
         os.replace(tmp, output)
     finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
         if os.path.exists(tmp):
             os.unlink(tmp)
     return time.perf_counter() - t0

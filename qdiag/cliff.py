@@ -129,6 +129,9 @@ def findings(res: CliffResult) -> dict:
             ranks = res.prompts[(res.prompts.method == m) & (res.prompts.bits == b)].merge(right, on=key)["rank"]
             out[f"{m}{b}_median_rank_fp_right"] = float(ranks.median()) if len(ranks) else float("nan")
             out[f"{m}{b}_top{TOP_K}_share"] = float((ranks <= TOP_K).mean()) if len(ranks) else float("nan")
+            median = out[f"{m}{b}_median_rank_fp_right"]
+            out[f"{m}{b}_rank_drop"] = bool(median <= TOP_K)
+            out[f"{m}{b}_rank_collapse"] = bool(median >= COLLAPSE_RANK)
     if {"rtn", "gptq"} <= set(methods):
         for b in sorted(set(rows.loc["rtn"].index) & set(rows.loc["gptq"].index)):
             out[f"gptq_beats_rtn_{b}"] = bool(rows.loc[("gptq", b)].ppl < rows.loc[("rtn", b)].ppl)
