@@ -10,7 +10,7 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"]
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -26,6 +26,8 @@ def tiny_config(family: str):
         return AutoConfig.for_model("gpt_neox", vocab_size=256, hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
     extra = {}
+    if family == "gemma":
+        extra = dict(head_dim=16)
     if family in ("gemma2", "gemma3_text"):
         extra = dict(head_dim=16, sliding_window=8)  # a window shorter than test prompts
     if family in ("qwen3",):
