@@ -33,12 +33,6 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
     return atomic_write_bytes(path, df.to_csv(index=False).encode())
 
 
-def read_rows(path: str | os.PathLike, key: str = "rows") -> pd.DataFrame:
-    """The ``rows`` list of a qdiag result JSON as a DataFrame."""
-    with open(path, encoding="utf-8") as f:
-        return pd.DataFrame(json.load(f)[key])
-
-
 def _jsonable(x: object) -> object:
     if hasattr(x, "item"):
         return x.item()
