@@ -109,6 +109,11 @@ class Arch:
         return len(self.layers)
 
     @property
+    def gated(self) -> bool:
+        """Whether the MLP has a gate (SwiGLU / GeGLU); gpt2 and gpt_neox do not."""
+        return "gate" in self.weights[0] or "gate_up" in self.weights[0]
+
+    @property
     def weight_types(self) -> list[str]:
         return list(self.weights[0])
 
@@ -189,3 +194,17 @@ def _is_conv1d(module: nn.Module) -> bool:
 def from_matrix(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
     """Inverse of ``weight_matrix``: lay an (out, in) matrix out as the module stores it."""
     return w.t() if _is_conv1d(module) else w
+
+
+def attention_window(model: nn.Module, layer: int) -> int | None:
+    """How many keys (the query's own included) a layer's attention can see at most: the sliding
+    window for layers that use one (gemma2/3, mistral, qwen2 with ``use_sliding_window``), else None."""
+    config = unwrap(model).config
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types:
+        return window if types[layer] == "sliding_attention" else None
+    return window if getattr(config, "use_sliding_window", True) else None

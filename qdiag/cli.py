@@ -2,6 +2,8 @@
 (with a ``rows`` list), the same rows as CSV, and a figure.
 
     qdiag cliff --model smollm2-135m --bits 16,8,4,3,2 --method rtn,gptq --out results/
+    qdiag components --bits 16,4,2 --method gptq --positions last_subject,last --out results/
+    qdiag representations --bits 16,4,2 --method gptq --k 50 --out results/
 """
 
 from __future__ import annotations
@@ -93,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     common_options(cliff)
     cliff.add_argument("--generations", type=int, default=4, help="prompts to show greedy continuations for")
     cliff.set_defaults(func=cmd_cliff)
+
+    comp = sub.add_parser("components", help="attention entropy / JSD, MLP gate flips, neuron overlap, MLP cosine")
+    common_options(comp)
+    comp.add_argument("--positions", type=_csv(str), default=["last_subject", "last"],
+                      help="query tokens: last_subject, last, all (comma-separated)")
+    comp.add_argument("--top-fraction", type=float, default=0.01, help="share of top neurons for the Jaccard")
+    comp.add_argument("--batch-size", type=_positive, default=16)
+    comp.set_defaults(func=cmd_components)
+
+    rep = sub.add_parser("representations", help="CKA, principal-subspace similarity, error alignment")
+    common_options(rep)
+    rep.add_argument("--position", default="all", help="tokens: last_subject, last or all")
+    rep.add_argument("--k", type=_positive, default=50, help="principal directions")
+    rep.add_argument("--max-tokens", type=_positive, default=2048, help="token rows per layer")
+    rep.add_argument("--batch-size", type=_positive, default=16)
+    rep.set_defaults(func=cmd_representations)
     return parser
 
 
@@ -117,9 +135,9 @@ def meta(args: argparse.Namespace, **extra) -> dict:
 
 
 def cmd_cliff(args: argparse.Namespace) -> None:
-    from .cliff import cliff_specs, run_cliff, save_cliff
+    from .cliff import run_cliff, save_cliff
 
-    specs = cliff_specs(args.bits, args.method, args.group_size, args.sym)
+    specs = _specs(args)
     exp = setup(args)
     res = run_cliff(exp.model, exp.facts, specs, exp.ppl_tokens, args.ppl_window, exp.calib, args.generations,
                     args.seed, progress=not args.quiet)
@@ -127,6 +145,44 @@ def cmd_cliff(args: argparse.Namespace) -> None:
                title=f"{args.model}: the cliff")
     print(res.rows[["method", "bits", "avg_bits", "ppl", "acc_any", "acc_majority", "acc_all",
                     "median_rank"]].to_string(index=False))
+
+
+def _specs(args: argparse.Namespace):
+    from .cliff import cliff_specs
+
+    return cliff_specs(args.bits, args.method, args.group_size, args.sym)
+
+
+def cmd_components(args: argparse.Namespace) -> None:
+    from .arch import resolve
+    from .components import run_components, save_components
+    from .positions import check
+
+    check(args.positions)
+    specs = _specs(args)
+    exp = setup(args)
+    rows = run_components(exp.model, exp.facts, specs, exp.calib, args.positions, args.top_fraction,
+                          args.batch_size, progress=not args.quiet)
+    save_components(rows, args.out, meta(args, n_facts=len(exp.facts)), gated=resolve(exp.model).gated,
+                    title=args.model)
+    layer_rows = rows[rows["head"].isna()]
+    print(layer_rows.groupby(["method", "bits", "position"], sort=False)[
+        ["attn_entropy_fp", "attn_entropy", "attn_jsd", "gate_sfr", "neuron_jaccard", "mlp_cosine"]].mean()
+        .round(3).to_string())
+
+
+def cmd_representations(args: argparse.Namespace) -> None:
+    from .positions import check
+    from .representations import run_representations, save_representations
+
+    check([args.position])
+    specs = _specs(args)
+    exp = setup(args)
+    res = run_representations(exp.model, exp.facts, specs, exp.calib, args.position, args.k, args.max_tokens,
+                              args.batch_size, progress=not args.quiet)
+    save_representations(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    print(res.rows.groupby(["method", "bits"], sort=False)[["subspace_sim", "error_alignment", "cka_same_layer"]]
+          .mean().round(3).to_string())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,3 +39,26 @@ def _jsonable(x: object) -> object:
     if hasattr(x, "tolist"):
         return x.tolist()
     raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """Rows as plain dicts for JSON, with missing values (NaN, NA) as None."""
+    return df.astype(object).where(df.notna(), None).to_dict("records")
+
+
+def save_analysis(out: str | os.PathLike, name: str, meta: dict, rows: pd.DataFrame, extra: dict | None = None,
+                  figures: dict | None = None) -> None:
+    """Write ``name.json`` (meta, rows, extra keys), ``name.csv`` (the rows) and one PNG per figure
+    (``{file stem: Figure}``); every figure is rendered before anything is written."""
+    import io as _io
+
+    pngs = {}
+    for stem, fig in (figures or {}).items():
+        buf = _io.BytesIO()
+        fig.savefig(buf, dpi=120)
+        pngs[stem] = buf.getvalue()
+    out = Path(out)
+    write_json(out / f"{name}.json", {"meta": meta, "rows": records(rows), **(extra or {})})
+    write_csv(out / f"{name}.csv", rows)
+    for stem, data in pngs.items():
+        atomic_write_bytes(out / f"{stem}.png", data)

@@ -15,18 +15,17 @@ import torch
 _EPS = 1e-12
 
 
-def attention_entropy(attn: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Normalized entropy ``H(A_t) / log(t + 1)`` per (batch, head, query): 1 is uniform over the
-    visible keys, 0 is one-hot. Query 0 (one visible key) is defined as 0. With ``causal=False``
-    the normaliser is ``log(n_keys)``. Returns ``(batch, head, query)``."""
+def attention_entropy(attn: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalized entropy ``H(A_t) / log(n_t)`` per (batch, head, query), where ``n_t`` is the
+    number of keys query t can see: ``t + 1`` under a causal mask by default, or ``visible``
+    (broadcastable to ``(batch, head, query)``; pass it for left-padded batches and sliding
+    windows). 1 is uniform over the visible keys, 0 is one-hot; a query that sees one key gets 0.
+    Returns ``(batch, head, query)``."""
     p = attn.float().clamp_min(0)
     h = -(p * torch.log(p.clamp_min(_EPS))).sum(-1)
-    q = attn.shape[-2]
-    if causal:
-        visible = torch.arange(1, q + 1, device=attn.device, dtype=torch.float32)
-    else:
-        visible = torch.full((q,), float(attn.shape[-1]), device=attn.device)
-    norm = torch.log(visible)
+    if visible is None:
+        visible = torch.arange(1, attn.shape[-2] + 1, device=attn.device)
+    norm = torch.log(torch.as_tensor(visible, device=attn.device, dtype=torch.float32)).expand_as(h)
     return torch.where(norm > 0, h / norm.clamp_min(_EPS), torch.zeros_like(h))
 
 
@@ -98,5 +97,36 @@ def activation_subspace_similarity(x: torch.Tensor, y: torch.Tensor, k: int = 50
 def error_alignment(ref: torch.Tensor, other: torch.Tensor, k: int = 50) -> float:
     """How much of the error ``other - ref`` lies in ``ref``'s signal subspace: the subspace
     similarity of the error's top-k principal directions with ``ref``'s. About k/d for isotropic
-    noise; near 1 when the error moves along the main features."""
-    return activation_subspace_similarity(ref, other.float() - ref.float(), k)
+    noise; near 1 when the error moves along the main features; 0 when there is no error."""
+    err = other.float() - ref.float()
+    if not err.any():
+        return 0.0
+    return activation_subspace_similarity(ref, err, k)
+
+
+def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """Linear CKA of every pair ``(xs[i], ys[j])``, all ``(n, d)`` over the same n samples:
+    ``(len(xs), len(ys))``, equal to ``linear_cka`` pair by pair. Works through n x n Gram matrices
+    or d x d cross-products, whichever costs fewer multiplications."""
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return x - x.mean(0)
+
+    n, d = xs[0].shape
+    a, b = len(xs), len(ys)
+    out = torch.empty(a, b, dtype=torch.float64)
+    if (a + b) * n * n * d + a * b * n * n <= a * b * n * d * d + (a + b) * n * d * d:
+        gx = [centred(x) @ centred(x).t() for x in xs]
+        gy = [centred(y) @ centred(y).t() for y in ys]
+        nx, ny = [g.norm() for g in gx], [g.norm() for g in gy]
+        for i, gi in enumerate(gx):
+            for j, gj in enumerate(gy):
+                out[i, j] = (gi * gj).sum() / (nx[i] * ny[j])
+    else:
+        cx, cy = [centred(x) for x in xs], [centred(y) for y in ys]
+        nx = [(c.t() @ c).norm() for c in cx]
+        ny = [(c.t() @ c).norm() for c in cy]
+        for i, ci in enumerate(cx):
+            for j, cj in enumerate(cy):
+                out[i, j] = (cj.t() @ ci).norm() ** 2 / (nx[i] * ny[j])
+    return out

@@ -8,6 +8,10 @@ What can be collected (``what``), per layer ``l``:
   projection); for families without a gated MLP (gpt2, gpt_neox), the first projection's output
 - ``mlp_act``: the MLP's hidden activations entering the down projection ``(batch, pos, d_mlp)``
 - ``mlp_out``: the MLP's output ``(batch, pos, d_model)``
+
+With ``tokens`` (a ``(batch, m)`` index tensor), only those positions are kept, inside the trace,
+so memory does not grow with prompt length: ``(batch, m, ...)``, and attention ``(batch, m,
+head, key)`` (the query rows of those tokens).
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ def _path(arch: Arch, kind: str, layer: int) -> str:
 
 @torch.no_grad()
 def collect(model, batch: dict, what: tuple[str, ...] = KINDS, layers: list[int] | None = None,
-            arch: Arch | None = None) -> dict[str, list[torch.Tensor]]:
-    """Run one traced forward on ``batch`` (input_ids, attention_mask, ...) and return
-    ``{kind: [tensor per layer]}`` on the CPU, in float32."""
+            arch: Arch | None = None, tokens: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:
+    """Run one traced forward on ``batch`` (input_ids, attention_mask, position_ids) and return
+    ``{kind: [tensor per layer]}`` on the CPU, in float32; ``tokens`` keeps only those positions."""
     unknown = set(what) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown activation kinds {sorted(unknown)}; choose from {KINDS}")
@@ -61,8 +65,11 @@ def collect(model, batch: dict, what: tuple[str, ...] = KINDS, layers: list[int]
     layers = list(range(arch.n_layers)) if layers is None else layers
     order = [k for k in KINDS if k in what]
     saved: dict[str, list] = {k: [] for k in order}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if tokens is not None:
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
     with eager_attention(model) if "attn" in what else _nothing():
-        with model.trace(**batch):
+        with model.trace(**inputs):
             for i in layers:
                 for kind in order:
                     path = _path(arch, kind, i)
@@ -71,6 +78,8 @@ def collect(model, batch: dict, what: tuple[str, ...] = KINDS, layers: list[int]
                         value = value[1]
                     elif kind == "gate" and path == f"{arch.weights[i].get('gate_up')}.output":
                         value = value[..., : value.shape[-1] // 2]  # phi3: [gate, up] fused
+                    if tokens is not None:
+                        value = (value.transpose(1, 2) if kind == "attn" else value)[rows, tokens]
                     saved[kind].append(value.save())
     return {k: [t.float().cpu() for t in v] for k, v in saved.items()}
 

@@ -62,3 +62,50 @@ def test_failure_leaves_nothing_on_disk(local_model, tmp_path, data_dir, capsys)
 def test_unknown_model(tmp_path, data_dir, capsys):
     assert main(cliff_args("not-a-model", tmp_path / "out", data_dir)) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def analysis_args(command, model, out, data_dir, *extra):
+    return [command, "--model", model, "--facts", "6", "--bits", "16,2", "--method", "rtn", "--group-size", "32",
+            "--data", str(data_dir), "--quiet", "--out", str(out), *extra]
+
+
+def test_components_end_to_end_with_the_identity_at_16_bits(local_model, tmp_path, data_dir):
+    out = tmp_path / "out"
+    assert main(analysis_args("components", local_model, out, data_dir, "--positions", "last_subject,last")) == 0
+    doc = json.loads((out / "components.json").read_text())
+    rows = pd.DataFrame(doc["rows"])
+    for col in ("method", "bits", "layer", "head", "position", "attn_entropy", "attn_entropy_fp", "attn_jsd",
+                "gate_sfr", "neuron_jaccard", "mlp_cosine", "n_tokens"):
+        assert col in rows
+    fp, q = rows[rows.bits == 16], rows[rows.bits == 2]
+    assert (fp.attn_jsd == 0).all() and (fp.attn_entropy == fp.attn_entropy_fp).all()
+    layer_fp = fp[fp["head"].isna()]
+    assert (layer_fp.gate_sfr == 0).all() and (layer_fp.neuron_jaccard == 1).all()
+    assert layer_fp.mlp_cosine.to_numpy() == pytest.approx(1)
+    assert q[q["head"].isna()].gate_sfr.min() > 0  # 2 bits does flip gates
+    assert set(rows.position) == {"last_subject", "last"}
+    assert len(q[q["head"].notna()]) == 2 * 2 * 4  # positions x layers x heads
+    for pos in ("last_subject", "last"):
+        assert (out / f"components_attention_{pos}.png").stat().st_size > 1000
+        assert (out / f"components_mlp_{pos}.png").stat().st_size > 1000
+
+
+def test_representations_end_to_end_with_the_identity_at_16_bits(local_model, tmp_path, data_dir):
+    out = tmp_path / "out"
+    assert main(analysis_args("representations", local_model, out, data_dir, "--k", "8")) == 0
+    doc = json.loads((out / "representations.json").read_text())
+    rows = pd.DataFrame(doc["rows"])
+    fp = rows[rows.bits == 16]
+    assert fp.subspace_sim.to_numpy() == pytest.approx(1) and (fp.error_alignment == 0).all()
+    cka = {(c["method"], c["bits"]): c["matrix"] for c in doc["cka"]}
+    assert [cka[("fp", 16)][i][i] for i in range(2)] == pytest.approx([1, 1])
+    assert len(cka[("rtn", 2)]) == 2 and len(cka[("rtn", 2)][0]) == 2
+    assert rows[rows.bits == 2].subspace_sim.max() < 1
+    assert (out / "representations_cka.png").exists() and (out / "representations_subspace.png").exists()
+
+
+def test_components_refuses_an_unknown_position(local_model, tmp_path, data_dir, capsys):
+    out = tmp_path / "out"
+    assert main(analysis_args("components", local_model, out, data_dir, "--positions", "middle")) == 2
+    assert "unknown token positions" in capsys.readouterr().err
+    assert not out.exists()

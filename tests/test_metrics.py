@@ -21,9 +21,18 @@ def test_entropy_uniform_is_one_and_one_hot_is_zero():
 
 
 def test_entropy_by_hand():
-    a = torch.tensor([[0.5, 0.25, 0.25]])[None, None]  # one query that sees 3 keys, non-causal
+    a = torch.tensor([[0.5, 0.25, 0.25]])[None, None]  # one query that sees 3 keys
     want = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / math.log(3)
-    assert M.attention_entropy(a, causal=False).item() == pytest.approx(want)
+    assert M.attention_entropy(a, visible=torch.tensor([3])).item() == pytest.approx(want)
+
+
+def test_entropy_with_left_padding_and_a_window():
+    # two pad keys then three real ones: uniform over the real keys is still entropy 1
+    a = torch.tensor([[0, 0, 1 / 3, 1 / 3, 1 / 3]])[None, None]
+    assert M.attention_entropy(a, visible=torch.tensor([3])).item() == pytest.approx(1)
+    # a sliding window of 2 keys: uniform over those two is 1, although t + 1 = 5
+    b = torch.tensor([[0, 0, 0, 0.5, 0.5]])[None, None]
+    assert M.attention_entropy(b, visible=torch.tensor([2])).item() == pytest.approx(1)
 
 
 def test_jsd_identical_and_disjoint():
@@ -82,3 +91,15 @@ def test_error_alignment_of_isotropic_noise_is_about_k_over_d():
     assert M.error_alignment(signal, noisy, k=k) == pytest.approx(k / d, abs=0.05)
     # an error along the signal's own directions is fully aligned
     assert M.error_alignment(signal, 1.5 * signal, k=k) == pytest.approx(1, abs=1e-6)
+    assert M.error_alignment(signal, signal, k=k) == 0  # no error at all
+
+
+@pytest.mark.parametrize("n,d", [(30, 50), (80, 12)])  # both code paths: Gram (n <= d) and features
+def test_cka_matrix_matches_pairwise(n, d):
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, d, generator=g) for _ in range(3)]
+    ys = [xs[0] @ torch.randn(d, d, generator=g), torch.randn(n, d, generator=g)]
+    got = M.cka_matrix(xs, ys)
+    want = torch.tensor([[M.linear_cka(x, y) for y in ys] for x in xs], dtype=torch.float64)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(M.cka_matrix(xs, xs).diagonal(), torch.ones(3, dtype=torch.float64))

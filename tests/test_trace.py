@@ -28,3 +28,18 @@ def test_unknown_kind_raises():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     with pytest.raises(ValueError, match="unknown activation kinds"):
         collect(wrap(model, tok), encode_prompts(tok, ["Paris"]), what=("logits",))
+
+
+def test_collect_keeps_only_the_tokens_asked_for():
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    lm = wrap(model, tok)
+    batch = encode_prompts(tok, ["the capital of France is", "Paris is in"])
+    full = collect(lm, batch)
+    tokens = torch.tensor([[1, 4], [3, 4]])
+    part = collect(lm, batch, tokens=tokens)
+    for kind in ("gate", "mlp_out", "resid"):
+        torch.testing.assert_close(part[kind][1][0], full[kind][1][0, [1, 4]])
+        torch.testing.assert_close(part[kind][1][1], full[kind][1][1, [3, 4]])
+    attn = part["attn"][0]
+    assert attn.shape == (2, 2, model.config.num_attention_heads, 5)
+    torch.testing.assert_close(attn[1, 0], full["attn"][0][1, :, 3])
