@@ -32,4 +32,4 @@ bench:  ## speed and memory benchmarks; they print ratios
 	$(PYTHON) benchmarks/gptq_vs_gptqmodel.py --skip-gptqmodel  # add GPTQModel: see the script
 
 clean:
-	rm -rf book/_build book/chapters book/results book/status.md
+	rm -rf book/_build book/chapters book/results book/status.md book/_cache

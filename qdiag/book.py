@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,6 +28,21 @@ PACKAGES = ["qdiag", "torch", "transformers", "nnsight", "gguf", "papermill", "j
             "matplotlib", "seaborn", "pandas", "numpy"]
 
 
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables inside the block (the notebook kernels inherit them)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str = "python3") -> float:
     """Run one notebook with papermill; the output appears only if the whole run succeeds."""
     import papermill as pm
@@ -34,18 +51,13 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: s
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".ipynb")
     os.close(fd)
     t0 = time.perf_counter()
-    # the kernel inherits the environment: library progress bars (GGUF loading) stay out of the pages
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    # library progress bars (GGUF loading) stay out of the pages
     try:
-        pm.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(cwd), kernel_name=kernel,
-                            progress_bar=False)
+        with _environment(TQDM_DISABLE="1"):
+            pm.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(cwd), kernel_name=kernel,
+                                progress_bar=False)
         os.replace(tmp, output)
     finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
         if os.path.exists(tmp):
             os.unlink(tmp)
     return time.perf_counter() - t0
@@ -80,12 +92,15 @@ def build(root: Path, smoke: bool = False, only: list[str] | None = None, render
     book, notebooks = root / "book", root / "notebooks"
     params = {} if smoke else (yaml.safe_load((book / "params.yml").read_text()) or {})
     runs = []
+    # chapters quantize the same model the same way: GPTQ runs once per configuration
+    cache = os.environ.get("QDIAG_QUANT_CACHE") or str(book / "_cache" / "quantized")
     for nb in sorted(notebooks.glob("[0-9]*.ipynb")):
         if only and nb.stem not in only:
             continue
         p = params.get(nb.stem, {})
         print(f"executing {nb.name} {p or '(defaults)'}", flush=True)
-        seconds = execute(nb, book / "chapters" / nb.name, p, cwd=book)
+        with _environment(QDIAG_QUANT_CACHE=cache):
+            seconds = execute(nb, book / "chapters" / nb.name, p, cwd=book)
         runs.append({"name": nb.stem, "seconds": seconds, "parameters": p})
     atomic_write_bytes(book / "status.md", status_page(runs).encode())
     if not render:

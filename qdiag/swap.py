@@ -8,17 +8,23 @@ never written, so leaving the context restores them bit for bit.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .arch import from_matrix, unwrap, weight_matrix
 from .gptq import ORDERS
+from .io import atomic_write_bytes
 from .plan import Plan, validate
-from .quantize import QTensor, rtn
+from .quantize import QTensor, QuantSpec, rtn
 
 
 class QuantizedWeights:
@@ -76,12 +82,46 @@ def _restore(module: nn.Module) -> None:
         module._parameters["weight"] = fp
 
 
+def save(qw: QuantizedWeights, path: str | os.PathLike) -> Path:
+    """Write the codes, scales and plan to one file (whole or not at all)."""
+    buf = io.BytesIO()
+    torch.save({"plan": {n: asdict(s) for n, s in qw.plan.items()},
+                "tensors": {n: asdict(t) for n, t in qw.tensors.items()}, "seconds": qw.seconds}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path: str | os.PathLike) -> QuantizedWeights:
+    """Read what ``save`` wrote."""
+    d = torch.load(path, weights_only=True)
+    return QuantizedWeights({n: QuantSpec(**s) for n, s in d["plan"].items()},
+                            {n: QTensor(**t) for n, t in d["tensors"].items()}, d["seconds"])
+
+
+def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor, **settings) -> str:
+    """A digest of everything GPTQ's result depends on: the planned weights (shape, sums and a
+    sample of values), the plan, the calibration tokens and the settings."""
+    from . import __version__
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((__version__, sorted(settings.items()))).encode())
+    modules = dict(unwrap(model).named_modules())
+    for name in sorted(plan):
+        w = modules[name].weight.detach()
+        stats = torch.stack([w.double().sum(), w.double().square().sum()]).cpu()
+        h.update(repr((name, asdict(plan[name]), tuple(w.shape), str(w.dtype))).encode())
+        h.update(stats.numpy().tobytes() + w.flatten()[:256].float().cpu().numpy().tobytes())
+    h.update(calib.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, damp: float = 0.01,
                    order: str = "group", true_sequential: bool = True, batch_size: int = 8,
-                   progress: bool = True) -> QuantizedWeights:
+                   progress: bool = True, cache_dir: str | os.PathLike | None = None) -> QuantizedWeights:
     """Quantize the weights a plan names; GPTQ specs need ``calib`` token ids (n, seq_len).
 
     The model's own parameters are left untouched; use ``.applied(model)`` to run quantized.
+    GPTQ results are kept in ``cache_dir`` (default: ``$QDIAG_QUANT_CACHE``, unset means no cache),
+    keyed by the weights, plan, calibration tokens and settings, so a rerun loads them instead.
     """
     validate(model, plan)
     if order not in ORDERS:
@@ -91,11 +131,19 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     if any(s.method == "gptq" for s in active.values()):
         if calib is None or calib.numel() == 0:
             raise ValueError("GPTQ needs calibration token ids; pass calib=qdiag.data.calibration_tokens(...)")
+        cache_dir = cache_dir or os.environ.get("QDIAG_QUANT_CACHE")
+        settings = dict(damp=damp, order=order, true_sequential=true_sequential)
+        path = Path(cache_dir) / f"{_cache_key(model, active, calib, **settings)}.pt" if cache_dir else None
+        if path is not None and path.exists():
+            cached = load(path)
+            return QuantizedWeights(plan, cached.tensors, cached.seconds)
         from .calibrate import sequential_quantize
 
         tensors = sequential_quantize(model, active, calib, damp=damp, order=order,
                                       true_sequential=true_sequential, batch_size=batch_size,
                                       progress=progress)
+        if path is not None:
+            save(QuantizedWeights(active, tensors, time.perf_counter() - t0), path)
     else:
         modules = dict(unwrap(model).named_modules())
         tensors = {n: rtn(weight_matrix(modules[n]).detach(), s) for n, s in active.items()}

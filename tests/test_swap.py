@@ -59,3 +59,23 @@ def test_codes_are_smaller_than_weights(model):
 def test_gptq_without_calibration_raises(model):
     with pytest.raises(ValueError, match="calibration"):
         quantize_model(model, uniform_plan(model, QuantSpec(bits=4, group_size=32, method="gptq")))
+
+
+def test_gptq_results_are_cached_and_reloaded_exactly(tmp_path, monkeypatch):
+    from qdiag import swap
+    from tests.conftest import calib_ids
+
+    model = tiny_model("llama")
+    plan = uniform_plan(model, QuantSpec(3, group_size=32, method="gptq"))
+    first = swap.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("GPTQ ran again although its result was cached")
+
+    monkeypatch.setattr("qdiag.calibrate.sequential_quantize", fail)
+    again = swap.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
+    for name, q in first.tensors.items():
+        assert torch.equal(q.dequantize(), again.tensors[name].dequantize())
+    with pytest.raises(AssertionError, match="ran again"):  # other calibration data: a new key
+        swap.quantize_model(model, plan, calib_ids(seed=1), progress=False, cache_dir=tmp_path)
