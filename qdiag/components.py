@@ -162,3 +162,38 @@ def save_components(rows: pd.DataFrame, out: str | Path, meta: dict, gated: bool
         figures[f"components_mlp_{pos}"] = mlp_figure(
             rows, pos, f"{prefix}MLP per layer, at the {pos.replace('_', ' ')} token", gated=gated)
     save_analysis(out, "components", meta, rows, figures=figures)
+
+
+# The paper's words as numbers (shared/paper-notes.md, analysis 4): 2-bit attention entropy
+# "above 0.8 in middle layers"; gate SFR "above 30% = severe"; top-1% Jaccard "about 0.1" and MLP
+# cosine "about 0" at 2 bits (read here as within 0.1 of those values).
+ENTROPY_HIGH = 0.8
+SFR_SEVERE = 0.3
+JACCARD_PAPER, COSINE_PAPER, ABOUT = 0.1, 0.0, 0.1
+
+
+def findings(rows: pd.DataFrame, position: str, method: str) -> dict:
+    """Per width of ``method``, the layer-averaged metrics at ``position`` and the paper's claims as
+    booleans, keyed ``w<bits>_<name>`` (for the chapter's prose). Middle layers: the middle third."""
+    d = rows[(rows.position == position) & rows["head"].isna() & (rows.method == method)]
+    if d.empty:
+        raise ValueError(f"no {method} rows at position {position!r}")
+    n_layers = int(d.layer.max()) + 1
+    middle = d.layer.between(n_layers // 3, 2 * n_layers // 3 - 1)
+    out: dict = {"n_layers": n_layers, "n_tokens": int(d.n_tokens.iloc[0])}
+    for b, g in d.groupby("bits", sort=False):
+        key = f"w{b}"
+        mid = g[middle.loc[g.index]]
+        out["entropy_mid_fp"] = float(mid.attn_entropy_fp.mean())
+        out[f"{key}_entropy_mid"] = float(mid.attn_entropy.mean())
+        out[f"{key}_entropy_rise"] = out[f"{key}_entropy_mid"] - out["entropy_mid_fp"]
+        out[f"{key}_entropy_above"] = bool(out[f"{key}_entropy_mid"] > ENTROPY_HIGH)
+        out[f"{key}_jsd"] = float(g.attn_jsd.mean())
+        out[f"{key}_sfr"] = float(g.gate_sfr.mean())
+        out[f"{key}_sfr_max"] = float(g.gate_sfr.max())
+        out[f"{key}_sfr_severe"] = bool(out[f"{key}_sfr"] > SFR_SEVERE)
+        out[f"{key}_jaccard"] = float(g.neuron_jaccard.mean())
+        out[f"{key}_jaccard_as_paper"] = bool(abs(out[f"{key}_jaccard"] - JACCARD_PAPER) <= ABOUT)
+        out[f"{key}_cosine"] = float(g.mlp_cosine.mean())
+        out[f"{key}_cosine_as_paper"] = bool(abs(out[f"{key}_cosine"] - COSINE_PAPER) <= ABOUT)
+    return out

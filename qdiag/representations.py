@@ -124,3 +124,35 @@ def save_representations(res: RepresentationResult, out: str | Path, meta: dict,
     figures = {"representations_cka": cka_figure(res.cka, f"{prefix}linear CKA, reference x quantized layers"),
                "representations_subspace": subspace_figure(res.rows, f"{prefix}principal subspaces per layer")}
     save_analysis(out, "representations", meta, res.rows, extra={"cka": cka}, figures=figures)
+
+
+# The paper's words as numbers (shared/paper-notes.md, analysis 5): subspace similarity "above 0.8
+# at 4-bit, about 0 at 2-bit"; error alignment "about 0.3 at 4-bit, about 0.8 at 2-bit"; the CKA
+# diagonal "survives at 4-bit, goes dark at 2-bit". "About" is read as within 0.1, "dark" as a mean
+# diagonal below 0.3 and "survives" as above 0.8.
+SUBSPACE_HIGH, ABOUT = 0.8, 0.1
+CKA_SURVIVES, CKA_DARK = 0.8, 0.3
+
+
+def findings(res: RepresentationResult, method: str) -> dict:
+    """Per width of ``method``, the layer-averaged metrics and the paper's claims as booleans,
+    keyed ``w<bits>_<name>`` (for the chapter's prose)."""
+    rows = res.rows[res.rows.method == method]
+    if rows.empty:
+        raise ValueError(f"no {method} rows")
+    out: dict = {"n_tokens": int(rows.n_tokens.iloc[0]), "k": int(rows.k.iloc[0]), "d_model": int(rows.d_model.iloc[0])}
+    out["k_over_d"] = out["k"] / out["d_model"]
+    for b, g in rows.groupby("bits", sort=False):
+        key = f"w{b}"
+        diag = float(np.diag(res.cka[(method, b)]).mean())
+        out[f"{key}_cka_diag"] = diag
+        out[f"{key}_cka_survives"] = bool(diag > CKA_SURVIVES)
+        out[f"{key}_cka_dark"] = bool(diag < CKA_DARK)
+        out[f"{key}_subspace"] = float(g.subspace_sim.mean())
+        out[f"{key}_subspace_min"] = float(g.subspace_sim.min())
+        out[f"{key}_subspace_high"] = bool(out[f"{key}_subspace"] > SUBSPACE_HIGH)
+        out[f"{key}_subspace_near0"] = bool(out[f"{key}_subspace"] < ABOUT)
+        out[f"{key}_alignment"] = float(g.error_alignment.mean())
+        out[f"{key}_alignment_near03"] = bool(abs(out[f"{key}_alignment"] - 0.3) <= ABOUT)
+        out[f"{key}_alignment_near08"] = bool(abs(out[f"{key}_alignment"] - 0.8) <= ABOUT)
+    return out

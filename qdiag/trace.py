@@ -4,6 +4,7 @@ representation metrics need, for one batch of prompts.
 What can be collected (``what``), per layer ``l``:
 - ``resid``: the residual stream after layer l, ``(batch, pos, d_model)``
 - ``attn``: attention probabilities, ``(batch, head, pos, pos)`` (run with eager attention)
+- ``attn_out``: the attention block's output, ``(batch, pos, d_model)``
 - ``gate``: MLP gate pre-activations ``(batch, pos, d_mlp)`` (phi3: the gate half of its fused
   projection); for families without a gated MLP (gpt2, gpt_neox), the first projection's output
 - ``mlp_act``: the MLP's hidden activations entering the down projection ``(batch, pos, d_mlp)``
@@ -23,7 +24,7 @@ import torch
 
 from .arch import Arch, resolve, unwrap
 
-KINDS = ("attn", "gate", "mlp_act", "mlp_out", "resid")  # in execution order within a layer
+KINDS = ("attn", "attn_out", "gate", "mlp_act", "mlp_out", "resid")  # in execution order within a layer
 
 
 @contextmanager
@@ -41,7 +42,7 @@ def eager_attention(model) -> Iterator[None]:
 
 
 def _path(arch: Arch, kind: str, layer: int) -> str:
-    if kind == "attn":
+    if kind in ("attn", "attn_out"):
         return f"{arch.attn[layer]}.output"
     if kind == "gate":
         w = arch.weights[layer]
@@ -71,12 +72,15 @@ def collect(model, batch: dict, what: tuple[str, ...] = KINDS, layers: list[int]
     with eager_attention(model) if "attn" in what else _nothing():
         with model.trace(**inputs):
             for i in layers:
+                attn_output = None
                 for kind in order:
                     path = _path(arch, kind, i)
-                    value = model.get(path)
-                    if kind == "attn":
-                        value = value[1]
-                    elif kind == "gate" and path == f"{arch.weights[i].get('gate_up')}.output":
+                    if kind in ("attn", "attn_out"):  # one module output, read once
+                        attn_output = attn_output if attn_output is not None else model.get(path)
+                        value = attn_output[1] if kind == "attn" else attn_output[0]
+                    else:
+                        value = model.get(path)
+                    if kind == "gate" and path == f"{arch.weights[i].get('gate_up')}.output":
                         value = value[..., : value.shape[-1] // 2]  # phi3: [gate, up] fused
                     if tokens is not None:
                         value = (value.transpose(1, 2) if kind == "attn" else value)[rows, tokens]

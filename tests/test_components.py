@@ -92,3 +92,23 @@ def test_bad_input():
         run_components(lm, FACTS, [QuantSpec(16)], top_fraction=0)
     with pytest.raises(ValueError, match="no facts"):
         run_components(lm, [], [QuantSpec(16)])
+
+
+def test_findings_read_the_paper_thresholds_from_the_rows():
+    import pandas as pd
+
+    from qdiag.components import findings
+
+    rows = pd.DataFrame([
+        {"method": "rtn", "bits": b, "position": "last", "layer": layer, "head": None, "n_tokens": 5,
+         "attn_entropy_fp": 0.5, "attn_entropy": e, "attn_jsd": 0.1, "gate_sfr": sfr, "neuron_jaccard": jac,
+         "mlp_cosine": cos}
+        for b, e, sfr, jac, cos in [(2, 0.9, 0.35, 0.12, 0.05), (4, 0.55, 0.1, 0.6, 0.9)] for layer in range(6)])
+    rows["head"] = rows["head"].astype("Int64")
+    f = findings(rows, "last", "rtn")
+    assert f["w2_entropy_mid"] == pytest.approx(0.9) and f["w2_entropy_rise"] == pytest.approx(0.4)
+    assert f["w2_entropy_above"] and not f["w4_entropy_above"]
+    assert f["w2_sfr_severe"] and not f["w4_sfr_severe"]
+    assert f["w2_jaccard_as_paper"] and f["w2_cosine_as_paper"] and not f["w4_cosine_as_paper"]
+    with pytest.raises(ValueError, match="no gptq rows"):
+        findings(rows, "last", "gptq")

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from qdiag.arch import resolve
 from qdiag.evaluate import encode_prompts
 from qdiag.models import wrap
 from qdiag.trace import collect
@@ -14,10 +15,15 @@ def test_collect_matches_the_model_and_restores_attention(family):
     lm = wrap(model, tok)
     batch = encode_prompts(tok, ["the capital of France is", "Paris is in"])
     out = collect(lm, batch)
-    assert set(out) == {"attn", "gate", "mlp_act", "mlp_out", "resid"}
+    assert set(out) == {"attn", "attn_out", "gate", "mlp_act", "mlp_out", "resid"}
     assert all(len(v) == 2 for v in out.values())
     hidden = model(**batch, output_hidden_states=True).hidden_states
     torch.testing.assert_close(out["resid"][0], hidden[1])  # after layer 0
+    seen = []
+    handle = model.get_submodule(resolve(model).attn[1]).register_forward_hook(lambda m, a, o: seen.append(o[0]))
+    model(**batch)
+    handle.remove()
+    torch.testing.assert_close(out["attn_out"][1], seen[0])
     probs = out["attn"][1]
     assert probs.shape[:2] == (2, model.config.num_attention_heads)
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
