@@ -104,15 +104,35 @@ def fact_accuracy(scored: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"any": g.any(), "majority": g.mean() > 0.5, "all": g.all()})
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampling items with replacement)."""
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 stat: str = "mean") -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (or ``stat="median"``) of ``values``, resampling
+    items with replacement."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(1)
+    resampled = values[rng.integers(0, values.size, (n_boot, values.size))]
+    stats = np.median(resampled, 1) if stat == "median" else resampled.mean(1)
     a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+
+
+def bootstrap_ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(num) / mean(den)``, resampling items (pairs)."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if num.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, num.size, (n_boot, num.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = num[idx].mean(1) / den[idx].mean(1)
+    ratios = ratios[np.isfinite(ratios)]
+    if ratios.size == 0:
+        return (math.nan, math.nan)
+    a = (1 - level) / 2
+    return float(np.quantile(ratios, a)), float(np.quantile(ratios, 1 - a))
 
 
 def accuracy_summary(scored: pd.DataFrame, seed: int = 0) -> dict:

@@ -10,10 +10,21 @@ Families that soft-cap their logits (gemma2/3) are soft-capped here too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import evaluate as ev
+from . import positions as P
 from .arch import Arch, resolve, unwrap
+from .data import Fact
+from .plan import uniform_plan
+from .quantize import QuantSpec
+from .swap import quantize_model
 from .trace import collect
 
 
@@ -54,3 +65,78 @@ def logit_lens(model, batch: dict, answer: torch.Tensor, final_norm: bool = True
         probs.append(p.cpu())
         ranks.append(r.cpu())
     return torch.stack(probs, 1), torch.stack(ranks, 1)
+
+
+@dataclass
+class LensResult:
+    """``rows``: one per (method, bits, model, subset, layer), ``model`` being ``fp`` (the
+    reference) or ``quantized``, and (method, bits) the configuration whose Robust / Failure
+    subsets the row is on; ``prompts``: per prompt and layer, the probability and rank."""
+
+    rows: pd.DataFrame
+    prompts: pd.DataFrame
+
+
+def _lens_all(model, chunks: list[pd.DataFrame], final_norm: bool, arch: Arch, progress: bool,
+              desc: str) -> pd.DataFrame:
+    out = []
+    for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        batch = P.encode(model.tokenizer, chunk.prompt.tolist())
+        prob, rank = logit_lens(model, batch, torch.tensor(chunk.answer_id.to_numpy()), final_norm, arch)
+        n, n_layers = prob.shape
+        out.append(pd.DataFrame({"fact": np.repeat(chunk.fact.to_numpy(), n_layers),
+                                 "template": np.repeat(chunk.template.to_numpy(), n_layers),
+                                 "layer": np.tile(np.arange(n_layers), n),
+                                 "prob": prob.reshape(-1).numpy(), "rank": rank.reshape(-1).numpy()}))
+    return pd.concat(out, ignore_index=True)
+
+
+def summarize(per_prompt: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Mean probability and median rank per layer, with 95% bootstrap intervals over prompts."""
+    rows = []
+    for layer, g in per_prompt.groupby("layer"):
+        p_lo, p_hi = ev.bootstrap_ci(g.prob.to_numpy(), seed=seed)
+        r_lo, r_hi = ev.bootstrap_ci(g["rank"].to_numpy(), seed=seed, stat="median")
+        rows.append({"layer": int(layer), "prob": float(g.prob.mean()), "prob_lo": p_lo, "prob_hi": p_hi,
+                     "rank": float(g["rank"].median()), "rank_lo": r_lo, "rank_hi": r_hi, "n": len(g)})
+    return pd.DataFrame(rows)
+
+
+def run_lens(model, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tensor | None = None,
+             final_norm: bool = True, batch_size: int = 16, seed: int = 0, progress: bool = True) -> LensResult:
+    """The logit lens of the reference and of each configuration, on each configuration's Robust
+    and Failure subsets (and on all prompts). Subsets come from the output's greedy answer."""
+    if not specs:
+        raise ValueError("no configurations given")
+    tok = model.tokenizer
+    arch = resolve(model)
+    for s in specs:
+        if not s.is_full_precision:
+            uniform_plan(model, s, arch=arch)
+    table = ev.prompt_table(facts, tok)
+    chunks = P.batches(table, facts, batch_size)
+    key = ["fact", "template"]
+    fp_scored = ev.score_prompts(model, tok, table, progress=progress)
+    fp_lens = _lens_all(model, chunks, final_norm, arch, progress, "logit lens fp")
+    rows, prompts = [], []
+    for spec in tqdm(specs, desc="logit lens", disable=not progress):
+        method = "fp" if spec.is_full_precision else spec.method
+        if spec.is_full_precision:
+            scored, q_lens = fp_scored, fp_lens
+        else:
+            qw = quantize_model(model, uniform_plan(model, spec, arch=arch), calib, progress=progress)
+            with qw.applied(model):
+                scored = ev.score_prompts(model, tok, table, progress=progress)
+                q_lens = _lens_all(model, chunks, final_norm, arch, progress, f"logit lens {method} {spec.bits}-bit")
+            del qw
+        subset = ev.subsets(fp_scored, scored).reset_index()
+        models = {"fp": fp_lens} if spec.is_full_precision else {"fp": fp_lens, "quantized": q_lens}
+        for name, lens_rows in models.items():
+            d = lens_rows.merge(subset, on=key)
+            for sub, g in [("robust", d[d.subset == "robust"]), ("failure", d[d.subset == "failure"]), ("all", d)]:
+                if len(g):
+                    rows.append(summarize(g, seed).assign(method=method, bits=spec.bits, model=name, subset=sub))
+        prompts.append(q_lens.merge(subset, on=key).assign(method=method, bits=spec.bits))
+    cols = ["method", "bits", "model", "subset", "layer", "prob", "prob_lo", "prob_hi", "rank", "rank_lo",
+            "rank_hi", "n"]
+    return LensResult(pd.concat(rows, ignore_index=True)[cols], pd.concat(prompts, ignore_index=True))

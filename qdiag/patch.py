@@ -50,7 +50,7 @@ class Edit:
     def apply(self, x: torch.Tensor, rows: slice | None = None) -> None:
         """Write into ``x (batch, pos, d)`` in place (``rows``: the block of rows this edit owns)."""
         block = x if rows is None else x[rows]
-        value = self.value.to(x.dtype) if torch.is_tensor(self.value) else self.value
+        value = self.value.to(x.device, x.dtype) if torch.is_tensor(self.value) else self.value
         if self.index is None:
             block[:] = value
         else:
