@@ -6,9 +6,10 @@
   ``recovery = (p_patched - p_quant) / (p_fp - p_quant)`` of the correct answer's probability,
   aggregated as a ratio of means over prompts (per-prompt ratios explode where ``p_fp`` and
   ``p_quant`` are close, as on the Robust subset); the per-prompt probabilities are kept.
-- **Zero ablation** ("necessity"): zero one site at one token, in each model; ``drop = 1 -
-  mean(p_ablated) / mean(p_clean)``. Each model's drops over all (layer, site, position) cells form
-  its dependency profile; ``profile_r`` is the Pearson correlation of the two profiles.
+- **Zero ablation** ("necessity"): zero one site at one token, in each model; ``effect = 1 -
+  mean(p_ablated) / mean(p_clean)``, the share of the answer's probability lost. Each model's
+  effects over all (layer, site, position) cells form its dependency profile; ``profile_r`` is the
+  Pearson correlation of the two profiles.
 - **Clean-signal injection**: replace the quantized model's residual stream entering layer ``s``
   (every token) with the reference's and let the quantized layers ``s..`` continue: does the
   output recover, and does the last token's residual stream stay close (cosine) to the
@@ -234,16 +235,16 @@ def _ablation_rows(abl: pd.DataFrame, seed: int) -> pd.DataFrame:
         for sub, s in _per_subset(g):
             kept, lo, hi = _ratio_row(s.p_ablated.to_numpy(), s.p_clean.to_numpy(), seed)
             rows.append({"model": model, "layer": layer, "site": site, "position": pos, "subset": sub,
-                         "drop": 1 - kept, "drop_lo": 1 - hi, "drop_hi": 1 - lo, "p_clean": s.p_clean.mean(),
+                         "effect": 1 - kept, "effect_lo": 1 - hi, "effect_hi": 1 - lo, "p_clean": s.p_clean.mean(),
                          "p_ablated": s.p_ablated.mean(), "n": len(s)})
     return pd.DataFrame(rows)
 
 
 def _profile_similarity(rows: pd.DataFrame) -> pd.DataFrame:
-    """Pearson correlation of the two models' drops over all cells, per subset."""
+    """Pearson correlation of the two models' ablation effects over all cells, per subset."""
     out = []
     for sub, g in rows.groupby("subset", sort=False):
-        wide = g.pivot_table(index=["layer", "site", "position"], columns="model", values="drop")
+        wide = g.pivot_table(index=["layer", "site", "position"], columns="model", values="effect")
         if {"fp", "quantized"} <= set(wide.columns) and len(wide) > 1:
             r = float(np.corrcoef(wide.fp, wide.quantized)[0, 1]) if wide.std().min() > 0 else float("nan")
         else:

@@ -254,7 +254,7 @@ def recovery_figure(rows: pd.DataFrame, site: str = "resid", title: str = "") ->
 
 
 def ablation_figure(rows: pd.DataFrame, subset: str = "all", title: str = "") -> plt.Figure:
-    """Zero-ablation drop against layer, per site and position: the reference's dependency profile
+    """Zero-ablation effect against layer, per site and position: the reference's dependency profile
     (black) and each width's (colours)."""
     d = rows[rows.subset == subset]
     sites = [s for s in ("resid", "attn", "mlp") if s in set(d.site)]
@@ -267,16 +267,16 @@ def ablation_figure(rows: pd.DataFrame, subset: str = "all", title: str = "") ->
         for c, site in enumerate(sites):
             ax = axes[r, c]
             cell = d[(d.site == site) & (d.position == pos)]
-            fp = cell[cell.model == "fp"].groupby("layer").drop.mean()  # the same prompts for every width
+            fp = cell[cell.model == "fp"].groupby("layer")["effect"].mean()  # the same prompts for every width
             ax.plot(fp.index, fp.values, "k-", lw=2, label="reference")
             for k, (m, b) in enumerate(configs):
                 g = cell[(cell.model == "quantized") & (cell.method == m) & (cell.bits == b)].sort_values("layer")
-                ax.plot(g.layer, g.drop, "o-", ms=3, color=palette[k], label=_width(m, b))
+                ax.plot(g.layer, g["effect"], "o-", ms=3, color=palette[k], label=_width(m, b))
             ax.axhline(0, color="0.6", lw=0.8)
             ax.set_title(f"zero {site} at the {pos.replace('_', ' ')} token", fontsize=9)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        axes[r, 0].set_ylabel("drop in p(answer)")
+        axes[r, 0].set_ylabel("effect: share of p(answer) lost")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title or "Zero ablation: what each model's answer depends on")
     return fig
