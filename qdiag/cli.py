@@ -4,6 +4,8 @@
     qdiag cliff --model smollm2-135m --bits 16,8,4,3,2 --method rtn,gptq --out results/
     qdiag components --bits 16,4,2 --method gptq --positions last_subject,last --out results/
     qdiag representations --bits 16,4,2 --method gptq --k 50 --out results/
+    qdiag trace --bits 16,4,2 --method gptq --out results/
+    qdiag patch --bits 4,2 --method gptq --positions last_subject,last --window 1 --out results/
 """
 
 from __future__ import annotations
@@ -111,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-tokens", type=_positive, default=2048, help="token rows per layer")
     rep.add_argument("--batch-size", type=_positive, default=16)
     rep.set_defaults(func=cmd_representations)
+
+    tr = sub.add_parser("trace", help="logit lens: the answer's probability and rank at every layer")
+    common_options(tr)
+    tr.add_argument("--no-final-norm", dest="final_norm", action="store_false",
+                    help="unembed the raw residual stream (default: apply the final norm first)")
+    tr.add_argument("--batch-size", type=_positive, default=16)
+    tr.set_defaults(func=cmd_trace)
+
+    pa = sub.add_parser("patch", help="cross-model activation patching, zero ablation, clean-signal injection")
+    common_options(pa)
+    pa.add_argument("--positions", type=_csv(str), default=["last_subject", "last"],
+                    help="tokens to patch: last_subject, last")
+    pa.add_argument("--sites", type=_csv(str), default=["resid", "attn", "mlp"], help="resid, attn, mlp")
+    pa.add_argument("--window", type=_positive, default=1, help="consecutive layers patched together")
+    pa.add_argument("--no-ablation", dest="ablation", action="store_false")
+    pa.add_argument("--no-injection", dest="injection", action="store_false")
+    pa.add_argument("--batch-size", type=_positive, default=8)
+    pa.set_defaults(func=cmd_patch)
     return parser
 
 
@@ -183,6 +203,41 @@ def cmd_representations(args: argparse.Namespace) -> None:
     save_representations(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
     print(res.rows.groupby(["method", "bits"], sort=False)[["subspace_sim", "error_alignment", "cka_same_layer"]]
           .mean().round(3).to_string())
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    from .lens import run_lens, save_lens
+
+    specs = _specs(args)
+    exp = setup(args)
+    res = run_lens(exp.model, exp.facts, specs, exp.calib, args.final_norm, args.batch_size, args.seed,
+                   progress=not args.quiet)
+    save_lens(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    last = res.rows[res.rows.layer == res.rows.layer.max()]
+    print(last[["method", "bits", "model", "subset", "prob", "rank", "n"]].round(4).to_string(index=False))
+
+
+def cmd_patch(args: argparse.Namespace) -> None:
+    from .causal import run_causal, save_causal
+    from .patch import SITES
+    from .positions import check
+
+    check(args.positions)
+    if "all" in args.positions:
+        raise ValueError("patching works at one token per prompt: use last_subject and/or last")
+    bad = [s for s in args.sites if s not in SITES]
+    if bad:
+        raise ValueError(f"unknown sites {bad}; choose from {', '.join(SITES)}")
+    specs = _specs(args)
+    if all(s.is_full_precision for s in specs):
+        raise ValueError("patching needs a quantized width (16 bits is the reference itself): e.g. --bits 4,2")
+    exp = setup(args)
+    res = run_causal(exp.model, exp.facts, specs, exp.calib, args.positions, args.sites, args.window, args.ablation,
+                     args.injection, args.batch_size, args.seed, progress=not args.quiet)
+    save_causal(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    p = res.patching
+    print(p[p.subset == "all"].groupby(["method", "bits", "site", "position"], sort=False).recovery.max()
+          .round(3).to_string())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,3 +140,15 @@ def run_lens(model, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tens
     cols = ["method", "bits", "model", "subset", "layer", "prob", "prob_lo", "prob_hi", "rank", "rank_lo",
             "rank_hi", "n"]
     return LensResult(pd.concat(rows, ignore_index=True)[cols], pd.concat(prompts, ignore_index=True))
+
+
+def save_lens(res: LensResult, out, meta: dict, title: str = "") -> None:
+    """Write ``logit_lens.json`` (meta, rows), ``logit_lens.csv``, ``logit_lens_prompts.csv`` and
+    ``logit_lens.png``."""
+    from pathlib import Path
+
+    from .io import save_analysis, write_csv
+    from .plots import lens_figure
+
+    save_analysis(out, "logit_lens", meta, res.rows, figures={"logit_lens": lens_figure(res.rows, title)})
+    write_csv(Path(out) / "logit_lens_prompts.csv", res.prompts)

@@ -125,15 +125,20 @@ class Rerun:
         return x
 
     @torch.no_grad()
-    def run(self, variants: Sequence[Sequence[Edit]], hidden_at: Sequence[int] = ()) -> tuple[torch.Tensor, dict]:
-        """Run every variant (a list of edits) side by side from the first layer any edit touches.
+    def run(self, variants: Sequence[Sequence[Edit]], hidden_at: Sequence[int] = (),
+            start: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Run every variant (a list of edits) side by side from the first layer any edit touches
+        (or from ``start``, which must not be above it).
 
         Returns the logits at the last token, ``(len(variants), batch, vocab)``, and, for each
         layer in ``hidden_at`` at or after that start, the residual stream at the last token
         ``{layer: (len(variants), batch, d_model)}``."""
         v, b = len(variants), self.batch_size
         edits = [(i, e) for i, var in enumerate(variants) for e in var]
-        start = min((e.layer for _, e in edits), default=len(self.layers))
+        first = min((e.layer for _, e in edits), default=len(self.layers))
+        if start is not None and start > first:
+            raise ValueError(f"start={start} is above the first edited layer {first}")
+        start = first if start is None else start
         hidden = self._expand(self.inputs[start], v).clone() if start < len(self.layers) else None
         saved = {}
         for layer in range(start, len(self.layers)):

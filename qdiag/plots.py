@@ -315,3 +315,37 @@ def injection_figure(rows: pd.DataFrame, cosine: pd.DataFrame, subset: str = "al
         fig.colorbar(im, ax=axes[0, 1:], label="cosine, last token", shrink=0.8)
     fig.suptitle(title or "Clean-signal injection")
     return fig
+
+
+def lens_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Logit lens: probability (top) and median rank (bottom, log) of the correct answer at every
+    layer, on the Failure and Robust subsets of each width; solid = the quantized model, dashed = the
+    reference on the same prompts. Bands: 95% bootstrap intervals."""
+    subsets = [s for s in ("failure", "robust") if s in set(rows.subset)]
+    configs = [c for c in _configs(rows) if c[0] != "fp"]
+    fig, axes = plt.subplots(2, max(1, len(subsets)), figsize=(6 * max(1, len(subsets)), 7), constrained_layout=True,
+                             squeeze=False, sharex=True)
+    palette = sns.color_palette("rocket_r", max(1, len(configs)))
+    for c, sub in enumerate(subsets):
+        for k, (m, b) in enumerate(configs):
+            for model, style in (("quantized", "-"), ("fp", "--")):
+                g = rows[(rows.method == m) & (rows.bits == b) & (rows.subset == sub) & (rows.model == model)]
+                g = g.sort_values("layer")
+                if g.empty:
+                    continue
+                label = f"{_width(m, b)} (n={int(g.n.iloc[0])})" if model == "quantized" else None
+                axes[0, c].plot(g.layer, g.prob, style, color=palette[k], label=label)
+                axes[1, c].plot(g.layer, g["rank"], style, color=palette[k])
+                if model == "quantized":
+                    axes[0, c].fill_between(g.layer, g.prob_lo, g.prob_hi, color=palette[k], alpha=0.12)
+        axes[0, c].set_title(_SUBSET_NAMES[sub], fontsize=10)
+        axes[0, c].set_ylabel("p(correct answer)")
+        axes[1, c].set_ylabel("median rank (1 = top)")
+        axes[1, c].set_yscale("log")
+        axes[1, c].set_xlabel("layer")
+        axes[0, c].plot([], [], "k--", label="reference, same prompts")
+        axes[0, c].legend(fontsize=7)
+        for ax in axes[:, c]:
+            ax.grid(alpha=0.3)
+    fig.suptitle(title or "Logit lens: where the answer forms")
+    return fig

@@ -67,3 +67,13 @@ def test_patching_the_fp_residual_after_the_last_layer_gives_the_fp_output():
 def test_unknown_site_is_refused():
     with pytest.raises(ValueError, match="unknown site"):
         Edit(0, "embedding", None, 0.0)
+
+
+def test_starting_lower_changes_nothing_and_higher_is_refused():
+    model, lm, batch = setup("llama")
+    run = Rerun(lm, batch)
+    last = torch.full((3,), batch["input_ids"].shape[1] - 1)
+    edit = [Edit(1, "mlp", last, 0.0)]
+    torch.testing.assert_close(run.run([edit], start=0)[0], run.run([edit])[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="above the first edited layer"):
+        run.run([[Edit(0, "mlp", last, 0.0)]], start=1)
