@@ -63,6 +63,16 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: s
     return time.perf_counter() - t0
 
 
+def glue_findings(found: dict, prefix: str = "") -> None:
+    """Glue a chapter's findings for its prose (``{glue:text}`prefix+key```): claims as yes / no,
+    claims that could not be tested (an empty subset) as n/a, numbers as they are."""
+    from myst_nb import glue
+
+    for key, value in found.items():
+        text = "n/a" if value is None else ("yes" if value else "no") if isinstance(value, bool) else value
+        glue(f"{prefix}{key}", text, display=False)
+
+
 def _version(pkg: str) -> str:
     try:
         return version(pkg)

@@ -282,3 +282,58 @@ def save_causal(res: CausalResult, out: str | Path, meta: dict, title: str = "")
              "injection": records(res.injection), "injection_cosine": records(res.injection_cosine)}
     save_analysis(out, "patching", meta, res.patching, extra=extra, figures=figures)
     write_csv(Path(out) / "patching_prompts.csv", res.prompts)
+
+
+# The paper's words as numbers: patching "restores the prediction" = at least half of the lost
+# probability comes back at some layer; "no response" = under a tenth at every layer. Dependency
+# profiles: "the same nodes" = correlation r >= 0.7, "no structured dependence" = |r| < 0.3 (the
+# conventional strong / weak readings of a correlation). Injection "collapses" = under a tenth.
+RESTORES, NO_RESPONSE = 0.5, 0.1
+SAME_NODES, NO_STRUCTURE = 0.7, 0.3
+
+
+def findings(res: CausalResult, method: str) -> dict:
+    """Per width of ``method``, the numbers behind the chapter's claims, keyed ``w<bits>_<name>``.
+    Patching maxima leave out the last layer's residual at the last token (the output itself)."""
+    out: dict = {}
+    p = res.patching[res.patching.method == method]
+    n_layers = int(p.layer.max()) + 1 if len(p) else 0
+    out["n_layers"] = n_layers
+    for b, g in p.groupby("bits", sort=False):
+        key = f"w{b}"
+        nontrivial = g[~((g.layer == n_layers - 1) & (g.site == "resid") & (g.position == "last"))]
+        for sub in ("failure", "all"):
+            for pos in ("last_subject", "last"):
+                s = nontrivial[(nontrivial.subset == sub) & (nontrivial.site == "resid") & (nontrivial.position == pos)]
+                if s.empty:  # no prompt in this subset: the keys exist, with no value
+                    for n in ("max_recovery", "max_layer", "n", "restores", "no_response"):
+                        empty = 0 if n == "n" else None if n in ("restores", "no_response") else float("nan")
+                        out[f"{key}_{sub}_{pos}_{n}"] = empty
+                    continue
+                best = s.loc[s.recovery.idxmax()]
+                out[f"{key}_{sub}_{pos}_max_recovery"] = float(best.recovery)
+                out[f"{key}_{sub}_{pos}_max_layer"] = int(best.layer)
+                out[f"{key}_{sub}_{pos}_n"] = int(best.n)
+                out[f"{key}_{sub}_{pos}_restores"] = bool(best.recovery >= RESTORES)
+                out[f"{key}_{sub}_{pos}_no_response"] = bool(s.recovery.max() < NO_RESPONSE)
+        sim = res.ablation_similarity
+        if len(sim):
+            r = sim[(sim.method == method) & (sim.bits == b) & (sim.subset == "all")].profile_r
+            if len(r):
+                out[f"{key}_profile_r"] = float(r.iloc[0])
+                out[f"{key}_same_nodes"] = bool(r.iloc[0] >= SAME_NODES)
+                out[f"{key}_no_structure"] = bool(abs(r.iloc[0]) < NO_STRUCTURE)
+        inj = res.injection
+        if len(inj):
+            i = inj[(inj.method == method) & (inj.bits == b) & (inj.subset == "all")].set_index("start_layer")
+            mid = n_layers // 2
+            if mid in i.index:
+                out[f"{key}_inject_mid_layer"] = mid
+                out[f"{key}_inject_mid_recovery"] = float(i.loc[mid, "recovery"])
+                out[f"{key}_inject_mid_collapses"] = bool(i.loc[mid, "recovery"] < NO_RESPONSE)
+                out[f"{key}_inject_best_recovery"] = float(i.recovery.max())
+            c = res.injection_cosine
+            c = c[(c.method == method) & (c.bits == b) & (c.start_layer == mid) & (c.layer == n_layers - 1)]
+            if len(c):
+                out[f"{key}_inject_mid_final_cosine"] = float(c.cosine.iloc[0])
+    return out

@@ -152,3 +152,35 @@ def save_lens(res: LensResult, out, meta: dict, title: str = "") -> None:
 
     save_analysis(out, "logit_lens", meta, res.rows, figures={"logit_lens": lens_figure(res.rows, title)})
     write_csv(Path(out) / "logit_lens_prompts.csv", res.prompts)
+
+
+# As in the cliff chapter: an answer within the top 5 is "present" (cliff.TOP_K).
+TOP_K = 5
+
+
+def findings(rows: pd.DataFrame, method: str) -> dict:
+    """Per width of ``method``, on its Failure subset (and Robust where it has one): where the
+    answer peaks and how strongly, quantized against the reference, keyed ``w<bits>_<name>``.
+    ``w<bits>_forms``: the quantized model's median rank reaches the top 5 at some layer. A subset
+    with no prompts gets ``n`` 0, NaN numbers and None claims."""
+    out: dict = {}
+    names = ("n", "peak_layer", "peak_prob", "fp_peak_layer", "fp_peak_prob", "peak_ratio", "best_rank", "forms",
+             "final_prob")
+    for b, g in rows[rows.method == method].groupby("bits", sort=False):
+        for sub in ("failure", "robust"):
+            s = g[g.subset == sub]
+            key = f"w{b}_{sub}"
+            if s.empty:  # no prompt in this subset: the keys exist, with no value
+                out.update({f"{key}_{n}": 0 if n == "n" else None if n == "forms" else float("nan") for n in names})
+                continue
+            q, fp = s[s.model == "quantized"].set_index("layer"), s[s.model == "fp"].set_index("layer")
+            out[f"{key}_n"] = int(q.n.iloc[0])
+            out[f"{key}_peak_layer"] = int(q.prob.idxmax())
+            out[f"{key}_peak_prob"] = float(q.prob.max())
+            out[f"{key}_fp_peak_layer"] = int(fp.prob.idxmax())
+            out[f"{key}_fp_peak_prob"] = float(fp.prob.max())
+            out[f"{key}_peak_ratio"] = float(q.prob.max() / fp.prob.max()) if fp.prob.max() > 0 else float("nan")
+            out[f"{key}_best_rank"] = float(q["rank"].min())
+            out[f"{key}_forms"] = bool(q["rank"].min() <= TOP_K)
+            out[f"{key}_final_prob"] = float(q.prob.iloc[-1])
+    return out
