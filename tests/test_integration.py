@@ -88,6 +88,40 @@ def test_nnsight_trace_sees_the_quantized_weights(smollm):
     assert not torch.allclose(fp, q)
 
 
+def test_patching_invariants_on_the_default_model(smollm):
+    from qdiag import positions as P
+    from qdiag.lens import logit_lens
+    from qdiag.patch import Edit, Rerun, patch_nnsight
+    from qdiag.trace import collect
+
+    lm, _ = smollm
+    hf = unwrap(lm)
+    batch = P.encode(lm.tokenizer, ["The capital of France is", "Paris is the capital of"])
+    last = P.token_index(batch, "last")
+    fp_logits = hf(**batch).logits[:, -1].float()
+    fp = collect(lm, batch, ("resid", "mlp_out"))
+    # the logit lens at the last layer is the model's own output distribution
+    answer = fp_logits.argmax(-1)
+    prob, rank = logit_lens(lm, batch, answer)
+    torch.testing.assert_close(prob[:, -1], torch.softmax(fp_logits, -1)[torch.arange(2), answer])
+    assert rank[:, -1].tolist() == [1, 1]
+    qw = quantize_model(lm, uniform_plan(lm, QuantSpec(bits=2, group_size=128)), progress=False)
+    with qw.applied(lm):
+        run = Rerun(lm, batch)
+        q = collect(lm, batch, ("resid", "mlp_out"))
+        # patching the quantized model's own activations into itself changes nothing
+        own = [[Edit(layer, "mlp", last, q["mlp_out"][layer][:, -1])] for layer in (0, 14, 29)]
+        logits, _ = run.run(own)
+        for out in logits:
+            torch.testing.assert_close(out, run.logits, atol=1e-3, rtol=1e-3)  # float32 rounding over 30 layers
+        # the reference's residual after the last layer, at the last token, is the reference's output
+        logits, _ = run.run([[Edit(29, "resid", last, fp["resid"][29][:, -1])]])
+        torch.testing.assert_close(logits[0], fp_logits, atol=1e-4, rtol=1e-4)
+        # the sweep and nnsight agree on a mid-network patch
+        edit = [Edit(10, "mlp", last, fp["mlp_out"][10][:, -1])]
+        torch.testing.assert_close(run.run([edit])[0][0], patch_nnsight(lm, batch, edit), atol=1e-4, rtol=1e-4)
+
+
 def test_weights_are_untouched_after_all_of_the_above(smollm):
     lm, before = smollm
     assert digest(lm) == before
