@@ -349,3 +349,36 @@ def lens_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
             ax.grid(alpha=0.3)
     fig.suptitle(title or "Logit lens: where the answer forms")
     return fig
+
+
+def sensitivity_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Robust and Failure accuracy when only one layer (left), one weight type (middle) or the
+    layers 0..k (right) are quantized, with 95% bootstrap intervals; dotted: the fully quantized
+    model."""
+    scopes = [s for s in ("layer", "weight_type", "prefix") if s in set(rows.scope)]
+    fig, axes = plt.subplots(1, len(scopes), figsize=(5.2 * len(scopes), 3.8), constrained_layout=True,
+                             squeeze=False, sharey=True)
+    full = rows[rows.scope == "all"]
+    colours = {"robust": "tab:blue", "failure": "tab:red"}
+    for ax, scope in zip(axes[0], scopes):
+        d = rows[rows.scope == scope].reset_index(drop=True)
+        x = np.arange(len(d))
+        for name, colour in colours.items():
+            err = np.vstack([d[f"{name}_acc"] - d[f"{name}_acc_lo"], d[f"{name}_acc_hi"] - d[f"{name}_acc"]])
+            n = int(d[f"n_{name}"].iloc[0]) if len(d) else 0
+            ax.errorbar(x, d[f"{name}_acc"], yerr=np.nan_to_num(err), fmt="o-", ms=3, capsize=2, color=colour,
+                        label=f"{name} (n={n})")
+            if len(full):
+                ax.axhline(float(full[f"{name}_acc"].iloc[0]), ls=":", color=colour, lw=1)
+        labels = d.target.tolist()
+        step = max(1, len(labels) // 15)
+        ax.set_xticks(x[::step], [labels[i] for i in range(0, len(labels), step)],
+                      rotation=45 if scope == "prefix" else 0)
+        ax.set_xlabel({"layer": "the one quantized layer", "weight_type": "the one quantized weight type",
+                       "prefix": "quantized layers 0..k"}[scope])
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("share of prompts right")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title or "Sensitivity: which part breaks the answers")
+    return fig

@@ -1,0 +1,136 @@
+"""Sensitivity and the "first domino" (analysis 6 of the paper): quantize one layer, one weight
+type, or a prefix of layers 0..k, leave everything else in full precision, and see which part
+breaks the answers.
+
+Subsets come from the reference and the fully quantized model at the same width: ``robust``
+(both right) and ``failure`` (reference right, quantized wrong). ``robust_acc`` is the share of
+Robust prompts a partly quantized model still gets right (1 with nothing quantized, 1 with
+everything quantized, by definition); ``failure_acc`` the share of Failure prompts it gets right
+(1 with nothing quantized, 0 with everything).
+
+The sweep quantizes the whole model once and takes each configuration's matrices from that run,
+so nothing is quantized twice. For RTN this is exactly quantizing those matrices alone; for GPTQ
+each matrix was calibrated on inputs from the *quantized* layers before it (as in the full run),
+not from full-precision ones, which is the deployment-faithful choice for prefixes and an
+approximation for a single quantized layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import evaluate as ev
+from .arch import Arch, resolve
+from .data import Fact
+from .plan import Plan, avg_bits, uniform_plan
+from .quantize import QuantSpec
+from .swap import QuantizedWeights, quantize_model
+
+SCOPES = ("layer", "weight_type", "prefix")
+
+
+def sensitivity_plans(model: nn.Module, spec: QuantSpec, scope: str,
+                      arch: Arch | None = None) -> list[tuple[str, Plan]]:
+    """``(target, plan)`` per configuration of a scope: ``layer`` -> "0", "1", ...; ``weight_type``
+    -> "q", "k", ...; ``prefix`` -> "0-0", "0-1", ... (layers 0..k)."""
+    arch = arch or resolve(model)
+    if scope == "layer":
+        return [(str(i), uniform_plan(model, spec, layers=[i], arch=arch)) for i in range(arch.n_layers)]
+    if scope == "weight_type":
+        return [(t, uniform_plan(model, spec, weight_types=[t], arch=arch)) for t in arch.weight_types]
+    if scope == "prefix":
+        return [(f"0-{k}", uniform_plan(model, spec, layers=range(k + 1), arch=arch)) for k in range(arch.n_layers)]
+    raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
+
+
+@dataclass
+class SensitivityResult:
+    """``rows``: one per (scope, target); ``prompts``: per configuration and prompt, ``correct``."""
+
+    rows: pd.DataFrame
+    prompts: pd.DataFrame
+
+
+def subset_accuracy(scored: pd.DataFrame, subset: pd.DataFrame, seed: int = 0) -> dict:
+    """Share right on the Robust and on the Failure prompts, with 95% bootstrap intervals."""
+    d = scored.merge(subset, on=["fact", "template"])
+    out = {}
+    for name in ("robust", "failure"):
+        v = d[d.subset == name].correct.to_numpy(dtype=float)
+        lo, hi = ev.bootstrap_ci(v, seed=seed)
+        out.update({f"{name}_acc": float(v.mean()) if v.size else float("nan"), f"{name}_acc_lo": lo,
+                    f"{name}_acc_hi": hi, f"n_{name}": int(v.size)})
+    return out
+
+
+def run_sensitivity(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torch.Tensor | None = None,
+                    scopes: Sequence[str] = SCOPES, ppl_tokens: torch.Tensor | None = None, ppl_window: int = 512,
+                    seed: int = 0, progress: bool = True) -> SensitivityResult:
+    """Every configuration of the scopes, plus ``none`` (the reference) and ``all`` (every layer)."""
+    if spec.is_full_precision:
+        raise ValueError("sensitivity needs a quantized width (16 bits quantizes nothing)")
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise ValueError(f"unknown scopes {bad or list(scopes)}; choose from {', '.join(SCOPES)}")
+    tok = model.tokenizer
+    arch = resolve(model)
+    configs = [("none", "-", {}), ("all", "all", uniform_plan(model, spec, arch=arch))]
+    for scope in scopes:
+        configs += [(scope, target, plan) for target, plan in sensitivity_plans(model, spec, scope, arch)]
+    full = quantize_model(model, configs[1][2], calib, progress=progress)
+    table = ev.prompt_table(facts, tok)
+    fp_scored = ev.score_prompts(model, tok, table)
+    with full.applied(model):
+        q_scored = ev.score_prompts(model, tok, table)
+    subset = ev.subsets(fp_scored, q_scored).reset_index()
+    subset = subset[subset.subset != "fp_wrong"]
+    right = table.merge(subset[["fact", "template"]], on=["fact", "template"])
+    if right.empty:
+        raise ValueError(f"the reference answers none of the {len(table)} prompts correctly, so there is nothing "
+                         "to lose; use more facts (--facts) or a larger model")
+    rows, prompts = [], []
+    for scope, target, plan in tqdm(configs, desc=f"sensitivity {spec.method} {spec.bits}-bit", disable=not progress):
+        qw = QuantizedWeights(plan, {n: full.tensors[n] for n in plan}) if plan else None
+        with qw.applied(model) if qw else nullcontext():
+            scored = ev.score_prompts(model, tok, right)
+            ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
+        rows.append({"scope": scope, "target": target, "method": spec.method, "bits": spec.bits,
+                     "avg_bits": avg_bits(model, plan, arch), "ppl": ppl, **subset_accuracy(scored, subset, seed)})
+        prompts.append(scored[["fact", "template", "correct"]].assign(scope=scope, target=target))
+    return SensitivityResult(pd.DataFrame(rows), pd.concat(prompts, ignore_index=True))
+
+
+def first_domino(rows: pd.DataFrame) -> dict:
+    """Where the failure starts: the single layer whose quantization costs the most Robust accuracy,
+    and the shortest prefix 0..k that loses at least half of it."""
+    out: dict = {}
+    layer = rows[rows.scope == "layer"]
+    if len(layer) and layer.robust_acc.notna().any():
+        worst = layer.loc[layer.robust_acc.idxmin()]
+        out["worst_layer"], out["worst_layer_robust_acc"] = int(worst.target), float(worst.robust_acc)
+    prefix = rows[rows.scope == "prefix"]
+    half = prefix[prefix.robust_acc <= 0.5]
+    out["half_prefix_end"] = int(half.target.iloc[0].split("-")[1]) if len(half) else None
+    wt = rows[rows.scope == "weight_type"]
+    if len(wt) and wt.robust_acc.notna().any():
+        worst = wt.loc[wt.robust_acc.idxmin()]
+        out["worst_weight_type"], out["worst_weight_type_robust_acc"] = str(worst.target), float(worst.robust_acc)
+    return out
+
+
+def save_sensitivity(res: SensitivityResult, out: str | Path, meta: dict, title: str = "") -> None:
+    """Write ``sensitivity.json`` (meta, rows, first_domino), ``sensitivity.csv`` and a figure."""
+    from .io import save_analysis
+    from .plots import sensitivity_figure
+
+    save_analysis(out, "sensitivity", meta, res.rows, extra={"first_domino": first_domino(res.rows)},
+                  figures={"sensitivity": sensitivity_figure(res.rows, title)})
+

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from qdiag.models import wrap
+from qdiag.plan import avg_bits
+from qdiag.quantize import QuantSpec
+from qdiag.sensitivity import first_domino, run_sensitivity, sensitivity_plans
+from qdiag.swap import quantize_model
+from tests.conftest import tiny_model, tiny_tokenizer
+from tests.test_causal import known_facts
+
+SPEC = QuantSpec(3, group_size=32)  # on the fixture, 3 bits leaves both subsets non-empty
+
+
+@pytest.fixture(scope="module")
+def setting():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.lm_head.weight[len(tok):] = -1
+    lm = wrap(model, tok)
+    facts = known_facts(model, tok)
+    return lm, facts, run_sensitivity(lm, facts, SPEC, progress=False)
+
+
+def test_plans_cover_what_their_scope_says():
+    lm = wrap(tiny_model("qwen2"), tiny_tokenizer())
+    layer = dict(sensitivity_plans(lm, SPEC, "layer"))
+    assert list(layer) == ["0", "1"] and all(".layers.1." in n for n in layer["1"])
+    types = dict(sensitivity_plans(lm, SPEC, "weight_type"))
+    assert set(types) == {"q", "k", "v", "o", "gate", "up", "down"} and len(types["down"]) == 2
+    prefix = dict(sensitivity_plans(lm, SPEC, "prefix"))
+    assert len(prefix["0-0"]) == 7 and len(prefix["0-1"]) == 14
+    with pytest.raises(ValueError, match="unknown scope"):
+        sensitivity_plans(lm, SPEC, "head")
+
+
+def test_a_plan_with_every_layer_in_full_precision_reproduces_the_reference_exactly():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    lm = wrap(model, tok)
+    ids = torch.randint(4, 40, (2, 9))
+    want = model(ids).logits
+    plan = {name: QuantSpec(16) for name, _ in sensitivity_plans(lm, SPEC, "prefix")[-1][1].items()}
+    with quantize_model(lm, plan, progress=False).applied(lm):
+        got = model(ids).logits
+    assert torch.equal(got, want)
+    assert avg_bits(lm, plan) == 16
+
+
+def test_the_ends_of_the_sweep_are_the_reference_and_the_quantized_model(setting):
+    lm, facts, res = setting
+    rows = res.rows.set_index(["scope", "target"])
+    none, full = rows.loc[("none", "-")], rows.loc[("all", "all")]
+    assert none.n_failure > 0 and none.n_robust > 0  # the fixture's facts give both subsets
+    assert none.failure_acc == 1 and full.failure_acc == 0
+    assert none.robust_acc == 1 and full.robust_acc == 1
+    # the last prefix is the whole model: the same answers as the fully quantized run
+    last = rows.loc[("prefix", "0-1")]
+    assert last.failure_acc == 0 and last.robust_acc == 1
+    assert none.n_robust + none.n_failure == len(facts)
+    assert full.avg_bits == pytest.approx(3.5) and none.avg_bits == 16
+    assert set(res.rows.scope) == {"none", "all", "layer", "weight_type", "prefix"}
+
+
+def test_first_domino_reads_the_rows(setting):
+    import pandas as pd
+
+    rows = pd.DataFrame([
+        {"scope": "layer", "target": "0", "robust_acc": 0.2}, {"scope": "layer", "target": "1", "robust_acc": 0.9},
+        {"scope": "prefix", "target": "0-0", "robust_acc": 0.6}, {"scope": "prefix", "target": "0-1", "robust_acc": 0.4},
+        {"scope": "weight_type", "target": "down", "robust_acc": 0.3},
+        {"scope": "weight_type", "target": "q", "robust_acc": 0.8}])
+    f = first_domino(rows)
+    assert f["worst_layer"] == 0 and f["half_prefix_end"] == 1 and f["worst_weight_type"] == "down"
