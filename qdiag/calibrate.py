@@ -201,3 +201,32 @@ def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor
                                         q.zero[row : row + rows], spec.bits, spec.group_size)
             row += rows
     return out
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, names: list[str], calib: torch.Tensor,
+                  batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` of each named module's input over the calibration tokens, from one pass of the
+    model as it runs (full precision unless quantized weights are applied). Holds one
+    ``(in, in)`` matrix per name: pass a few layers' names at a time for a large model."""
+    if calib is None or calib.numel() == 0:
+        raise ValueError("input moments need calibration token ids; pass qdiag.data.calibration_tokens(...)")
+    hf = unwrap(model)
+    H: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = defaultdict(int)
+    hooks = []
+    for name in names:
+        def hook(mod, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            H[name] = H[name] + x.t() @ x if name in H else x.t() @ x
+            count[name] += x.shape[0]
+
+        hooks.append(hf.get_submodule(name).register_forward_pre_hook(hook))
+    device = next(hf.parameters()).device
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            hf(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (v / count[k]).cpu() for k, v in H.items()}
