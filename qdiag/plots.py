@@ -382,3 +382,29 @@ def sensitivity_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title or "Sensitivity: which part breaks the answers")
     return fig
+
+
+def pareto_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Failure-subset accuracy (left) and Robust-subset accuracy (right) against average bits: each
+    repair (coloured) and the uniform configuration of the closest bits (grey squares, joined to it)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True, sharex=True)
+    d = rows[rows.avg_bits.notna()]
+    repairs = list(dict.fromkeys(d.repair))
+    palette = dict(zip(repairs, sns.color_palette("colorblind", len(repairs))))
+    for ax, name in zip(axes, ("failure", "robust")):
+        for _, r in d.iterrows():
+            label = f"{r.repair} {r.params}".strip()
+            ax.errorbar(r.avg_bits, r[f"{name}_acc"], yerr=[[r[f"{name}_acc"] - r[f"{name}_acc_lo"]],
+                        [r[f"{name}_acc_hi"] - r[f"{name}_acc"]]], fmt="o", capsize=2, color=palette[r.repair],
+                        label=label)
+            ax.plot([r.avg_bits, r.baseline_avg_bits], [r[f"{name}_acc"], r[f"baseline_{name}_acc"]], ":",
+                    color="0.6", lw=1)
+        base = d.drop_duplicates("baseline_group_size")
+        ax.plot(base.baseline_avg_bits, base[f"baseline_{name}_acc"], "s", color="0.4", label="uniform, closest bits")
+        ax.set_xlabel("average bits per weight")
+        ax.set_ylabel(f"{name} subset: share right")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "Repairs against uniform quantization at the same bits")
+    return fig

@@ -242,3 +242,163 @@ def choose_amplification(grid: pd.DataFrame, facts: Sequence[str]) -> dict:
     best = acc.sort_values(["correct", "alpha", "rule_order", "layer"], ascending=[False, True, True, True]).iloc[0]
     return {"rule": best.rule, "layer": int(best.layer), "alpha": float(best.alpha),
             "held_out_acc": float(best.correct), "held_out_facts": sorted(set(d.fact))}
+
+
+@dataclass
+class RepairResult:
+    """``rows``: one per repair configuration, scored on the facts of ``scored_facts`` (never the
+    ones amplification was chosen on), each beside the uniform configuration of the closest
+    average bits (``baseline_*``)."""
+
+    rows: pd.DataFrame
+    choice: dict  # what amplification chose, and on which facts
+    held_out_facts: list[str]
+    scored_facts: list[str]
+
+
+def _overrides(model: nn.Module, base: QuantizedWeights, plan: Plan) -> QuantizedWeights:
+    """``base`` with the matrices whose spec ``plan`` changes re-quantized by RTN at the new spec
+    (protected matrices are 8-bit, where RTN and GPTQ agree to a fraction of a percent)."""
+    from .quantize import rtn
+
+    hf = unwrap(model)
+    tensors = dict(base.tensors)
+    for name, spec in plan.items():
+        if base.plan.get(name) != spec:
+            tensors[name] = rtn(weight_matrix(hf.get_submodule(name)).detach(), spec)
+    return QuantizedWeights(plan, tensors, base.seconds)
+
+
+def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torch.Tensor | None = None,
+               ppl_tokens: torch.Tensor | None = None, ppl_window: int = 512, protect_k: Sequence[int] = (1, 2),
+               kurtosis_thresholds: Sequence[float] = (), granularity: str = "matrix",
+               eora_ranks: Sequence[int] = (), alphas: Sequence[float] = ALPHAS, inject_layer: int | None = None,
+               held_out: float = 0.5, seed: int = 0, progress: bool = True) -> RepairResult:
+    """Each repair of ``spec``'s quantized model, its Failure / Robust accuracy on the scored facts
+    and its perplexity, next to uniform quantization at the same average bits."""
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from . import evaluate as ev
+    from .sensitivity import subset_accuracy
+    from .swap import quantize_model
+
+    if spec.is_full_precision:
+        raise ValueError("repairs need a quantized width (16 bits quantizes nothing)")
+    tok = model.tokenizer
+    arch = resolve(model)
+    table = ev.prompt_table(facts, tok)
+    choose, score = split_facts(facts, held_out, seed)
+    score_ids = {f.id for f in score}
+    plain_plan = uniform_plan(model, spec, arch=arch)
+    plain = quantize_model(model, plain_plan, calib, progress=progress)
+    fp_scored = ev.score_prompts(model, tok, table)
+    with plain.applied(model):
+        q_scored = ev.score_prompts(model, tok, table)
+    subset = ev.subsets(fp_scored, q_scored).reset_index()
+    subset = subset[subset.subset != "fp_wrong"]
+    right = table.merge(subset[["fact", "template"]], on=["fact", "template"])
+    scored_right = right[right.fact.isin(score_ids)]
+    if scored_right.empty:
+        raise ValueError("the reference answers none of the scored facts' prompts correctly; use more facts")
+
+    def evaluate(qw, amplify: dict | None = None) -> dict:
+        with qw.applied(model) if qw is not None else nullcontext():
+            if amplify is None:
+                scored = ev.score_prompts(model, tok, scored_right)
+            else:
+                grid = amplification_grid(model, scored_right, alphas=[amplify["alpha"]])
+                pick = grid[(grid.rule == amplify["rule"]) & (grid.layer == amplify["layer"])]
+                scored = pick[["fact", "template", "correct"]]
+            ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
+        return {"ppl": ppl, **subset_accuracy(scored, subset, seed)}
+
+    baselines: dict[int | None, dict] = {}
+
+    def baseline(bits: float) -> dict:
+        match, match_bits = matching_uniform(model, spec, bits, arch)
+        if match.group_size not in baselines:
+            qw = plain if match == spec else quantize_model(model, uniform_plan(model, match, arch=arch), calib,
+                                                            progress=progress)
+            baselines[match.group_size] = {"baseline_group_size": match.group_size, "baseline_avg_bits": match_bits,
+                                           **{f"baseline_{k}": v for k, v in evaluate(qw).items()}}
+        return baselines[match.group_size]
+
+    configs: list[tuple[str, dict, object]] = [("none", {}, None)]
+    configs += [("protect_first", {"k": k}, protect_first(model, spec, k, arch=arch)) for k in protect_k]
+    if kurtosis_thresholds:
+        kt = kurtosis_table(model, arch)
+        configs += [("protect_kurtosis", {"threshold": t, "granularity": granularity},
+                     protect_kurtosis(model, spec, t, granularity, table=kt, arch=arch)) for t in kurtosis_thresholds]
+    moments = input_moments_for(model, plain_plan, calib) if eora_ranks else {}
+    configs += [("eora", {"rank": r}, r) for r in eora_ranks]
+    rows = []
+    for name, params, what in tqdm(configs, desc=f"repairs {spec.method} {spec.bits}-bit", disable=not progress):
+        if name == "none":
+            qw, bits = plain, avg_bits(model, plain_plan, arch)
+        elif name == "eora":
+            qw, bits = eora(model, plain, moments, what), eora_avg_bits(model, plain_plan, what, arch)
+        else:
+            qw, bits = _overrides(model, plain, what), avg_bits(model, what, arch)
+        rows.append({"repair": name, "params": params, "avg_bits": bits, **evaluate(qw), **baseline(bits)})
+    # peak amplification: chosen on the held-out facts, scored on the others
+    with plain.applied(model):
+        grid = amplification_grid(model, right[~right.fact.isin(score_ids)], alphas=alphas)
+    choice = choose_amplification(grid, [f.id for f in choose])
+    bits = avg_bits(model, plain_plan, arch)
+    rows.append({"repair": "amplify", "params": {k: choice[k] for k in ("rule", "layer", "alpha")}, "avg_bits": bits,
+                 **evaluate(plain, amplify=choice), **baseline(bits)})
+    if inject_layer is not None:
+        rows.append({"repair": "inject", "params": {"layer": inject_layer}, "avg_bits": float("nan"),
+                     **_injection_accuracy(model, plain, scored_right, subset, inject_layer, seed)})
+    out = pd.DataFrame(rows)
+    out.insert(0, "bits", spec.bits)
+    out.insert(0, "method", spec.method)
+    out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v}" for k, v in p.items()))
+    return RepairResult(out, choice, sorted({f.id for f in choose}), sorted(score_ids))
+
+
+def input_moments_for(model: nn.Module, plan: Plan, calib: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Input second moments of a plan's matrices, computed once per shared input (q/k/v, gate/up)."""
+    from .calibrate import input_moments
+
+    if calib is None:
+        raise ValueError("EoRA needs calibration tokens (its eigenspace comes from calibration inputs)")
+    return input_moments(model, list(plan), calib)
+
+
+def _injection_accuracy(model: nn.Module, qw: QuantizedWeights, prompts: pd.DataFrame, subset: pd.DataFrame,
+                        layer: int, seed: int) -> dict:
+    """Accuracy when the reference's residual stream (every token) enters the quantized model at
+    ``layer``: not a deployable repair (it needs the reference), the paper's last 2-bit attempt."""
+    from . import positions as P
+    from .patch import Edit, Rerun
+    from .sensitivity import subset_accuracy
+    from .trace import collect
+
+    arch = resolve(model)
+    if not 1 <= layer < arch.n_layers:
+        raise ValueError(f"inject_layer must be in 1..{arch.n_layers - 1}, got {layer}")
+    out = []
+    for start in range(0, len(prompts), 8):
+        chunk = prompts.iloc[start : start + 8]
+        batch = P.encode(model.tokenizer, chunk.prompt.tolist())
+        fp = collect(model, batch, ("resid",), layers=[layer - 1], arch=arch)["resid"][0]
+        with qw.applied(model):
+            logits, _ = Rerun(model, batch, arch).run([[Edit(layer - 1, "resid", None, fp)]])
+        right = logits[0].argmax(-1).cpu() == torch.tensor(chunk.answer_id.to_numpy())
+        out.append(chunk[["fact", "template"]].assign(correct=right.numpy()))
+    return {"ppl": float("nan"), **subset_accuracy(pd.concat(out), subset, seed)}
+
+
+def save_repair(res: RepairResult, out, meta: dict, title: str = "") -> None:
+    """Write ``repair.json`` (meta, rows, the amplification choice and the fact split),
+    ``repair.csv`` and the Pareto figure ``repair.png``."""
+    from .io import save_analysis
+    from .plots import pareto_figure
+
+    save_analysis(out, "repair", meta, res.rows, extra={"amplification": res.choice,
+                                                         "held_out_facts": res.held_out_facts,
+                                                         "scored_facts": res.scored_facts},
+                  figures={"repair": pareto_figure(res.rows, title)})

@@ -22,12 +22,12 @@ def known_facts(model, tok):
     """Facts whose object is what the tiny random model predicts, so the reference is right."""
     facts = []
     for s in SUBJECTS:
-        for t in TEMPLATES:
+        for j, t in enumerate(TEMPLATES):
             prompt = t.replace("[X]", s)[: -len(" [Y]")]
             top = model(**encode_prompts(tok, [prompt])).logits[0, -1].argmax().item()
             word = tok.convert_ids_to_tokens(top)
             if word and word.isalpha():
-                facts.append(Fact("P36", s, word, (t,)))
+                facts.append(Fact(f"T{j}", s, word, (t,)))  # one relation per template: unique fact ids
     return facts
 
 

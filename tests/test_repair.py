@@ -113,3 +113,32 @@ def test_amplification_grid_with_alpha_zero_is_the_plain_model():
     zero = grid[(grid.alpha == 0) & (grid.rule == "confident")].merge(plain, on=["fact", "template"])
     assert (zero.correct_x == zero.correct_y).all()
     assert set(grid.layer) == {2, -1}  # the upper half but the last layer, and the per-prompt rule
+
+
+def test_run_repair_scores_on_facts_it_did_not_choose_on():
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+    from tests.test_causal import known_facts
+
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().requires_grad_(False)
+    tok = tiny_tokenizer()
+    model.lm_head.weight[len(tok):] = -1
+    lm = wrap(model, tok)
+    facts = known_facts(model, tok)
+    res = R.run_repair(lm, facts, QuantSpec(3, group_size=32), calib_ids(4, 16), protect_k=(1,),
+                       kurtosis_thresholds=(0.5,), eora_ranks=(4,), inject_layer=2, progress=False)
+    rows = res.rows.set_index("repair")
+    assert list(rows.index) == ["none", "protect_first", "protect_kurtosis", "eora", "amplify", "inject"]
+    assert not set(res.held_out_facts) & set(res.scored_facts)
+    assert set(res.choice["held_out_facts"]) <= set(res.held_out_facts)
+    assert rows.loc["none", "avg_bits"] == pytest.approx(3.5)
+    assert rows.loc["protect_first", "avg_bits"] == pytest.approx((8.5 + 3 * 3.5) / 4)
+    assert rows.loc["eora", "avg_bits"] > 3.5
+    # the plain configuration is its own uniform baseline
+    assert rows.loc["none", "baseline_group_size"] == 32
+    assert rows.loc["none", "failure_acc"] == rows.loc["none", "baseline_failure_acc"] == 0
+    assert rows.loc["none", "robust_acc"] == 1
