@@ -6,6 +6,8 @@
     qdiag representations --bits 16,4,2 --method gptq --k 50 --out results/
     qdiag trace --bits 16,4,2 --method gptq --out results/
     qdiag patch --bits 4,2 --method gptq --positions last_subject,last --window 1 --out results/
+    qdiag sensitivity --bits 4 --method gptq --scopes layer,weight_type,prefix --out results/
+    qdiag repair --bits 4 --method gptq --protect-k 1,2 --kurtosis 5 --eora-ranks 16 --out results/
 """
 
 from __future__ import annotations
@@ -131,15 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--no-injection", dest="injection", action="store_false")
     pa.add_argument("--batch-size", type=_positive, default=8)
     pa.set_defaults(func=cmd_patch)
+
+    se = sub.add_parser("sensitivity", help="quantize one layer / weight type / prefix at a time")
+    common_options(se)
+    se.add_argument("--scopes", type=_csv(str), default=["layer", "weight_type", "prefix"],
+                    help="layer, weight_type, prefix")
+    se.set_defaults(func=cmd_sensitivity)
+
+    re_ = sub.add_parser("repair", help="training-free repairs against uniform quantization at equal bits")
+    common_options(re_)
+    re_.add_argument("--protect-k", type=_csv(int), default=[1, 2], help="first layers kept at 8 bits")
+    re_.add_argument("--kurtosis", type=_csv(float), default=[], help="excess-kurtosis thresholds for protection")
+    re_.add_argument("--granularity", choices=["matrix", "channel"], default="matrix")
+    re_.add_argument("--eora-ranks", type=_csv(int), default=[], help="ranks of the low-rank compensation")
+    re_.add_argument("--alphas", type=_csv(float), default=None, help="amplification weights to choose from")
+    re_.add_argument("--inject-layer", type=int, default=None, help="also try clean-signal injection at this layer")
+    re_.add_argument("--held-out", type=float, default=0.5, help="share of facts used to choose amplification")
+    re_.set_defaults(func=cmd_repair)
     return parser
 
 
-def setup(args: argparse.Namespace):
-    """Load what every analysis needs, with the shared options."""
+def setup(args: argparse.Namespace, calibrate: bool = False):
+    """Load what every analysis needs, with the shared options (calibration text when GPTQ or
+    ``calibrate`` asks for it)."""
     from .experiment import prepare
 
+    calibrate = calibrate or "gptq" in args.method
     return prepare(args.model, args.facts, args.ppl_tokens, args.calib_samples, args.calib_len, args.seed,
-                   args.data, args.device, args.dtype, calibrate="gptq" in args.method)
+                   args.data, args.device, args.dtype, calibrate=calibrate)
 
 
 def meta(args: argparse.Namespace, **extra) -> dict:
@@ -238,6 +259,50 @@ def cmd_patch(args: argparse.Namespace) -> None:
     p = res.patching
     print(p[p.subset == "all"].groupby(["method", "bits", "site", "position"], sort=False).recovery.max()
           .round(3).to_string())
+
+
+def _one_width(specs: list) -> list:
+    quantized = [s for s in specs if not s.is_full_precision]
+    if not quantized:
+        raise ValueError("this analysis needs a quantized width (16 bits is the reference itself): e.g. --bits 4")
+    return quantized
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .sensitivity import SCOPES, SensitivityResult, first_domino, run_sensitivity, save_sensitivity
+
+    bad = [s for s in args.scopes if s not in SCOPES]
+    if bad:
+        raise ValueError(f"unknown scopes {bad}; choose from {', '.join(SCOPES)}")
+    specs = _one_width(_specs(args))
+    exp = setup(args)
+    runs = [run_sensitivity(exp.model, exp.facts, spec, exp.calib, args.scopes, exp.ppl_tokens, args.ppl_window,
+                            args.seed, progress=not args.quiet) for spec in specs]
+    merged = SensitivityResult(pd.concat([r.rows for r in runs], ignore_index=True),
+                               pd.concat([r.prompts for r in runs], ignore_index=True))
+    save_sensitivity(merged, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    print(merged.rows[["method", "bits", "scope", "target", "avg_bits", "robust_acc", "failure_acc", "ppl"]]
+          .round(3).to_string(index=False))
+    print(first_domino(merged.rows))
+
+
+def cmd_repair(args: argparse.Namespace) -> None:
+    from .repair import ALPHAS, run_repair, save_repair
+
+    specs = _one_width(_specs(args))
+    if len(specs) > 1:
+        raise ValueError("repair one width at a time: give one --bits (and one --method)")
+    if args.eora_ranks and any(r < 1 for r in args.eora_ranks):
+        raise ValueError("EoRA ranks must be at least 1")
+    exp = setup(args, calibrate=bool(args.eora_ranks))
+    res = run_repair(exp.model, exp.facts, specs[0], exp.calib, exp.ppl_tokens, args.ppl_window, args.protect_k,
+                     args.kurtosis, args.granularity, args.eora_ranks, args.alphas or ALPHAS, args.inject_layer,
+                     args.held_out, args.seed, progress=not args.quiet)
+    save_repair(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    print(res.rows[["repair", "params", "avg_bits", "failure_acc", "robust_acc", "ppl", "baseline_avg_bits",
+                    "baseline_failure_acc", "baseline_robust_acc", "baseline_ppl"]].round(3).to_string(index=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,10 +131,20 @@ def load_pararel(root: str | os.PathLike | None = None, relations: list[str] | N
         fact_file = folder / "facts" / f"{rel}.jsonl"
         if not templates or not fact_file.exists():
             continue
-        facts += [Fact(rel, f["sub_label"], f["obj_label"], templates) for f in _read_jsonl(fact_file)]
+        facts += _unambiguous(rel, _read_jsonl(fact_file), templates)
     if not facts:
         raise ValueError(f"no usable ParaRel facts in {folder} for relations {relations}")
     return facts
+
+
+def _unambiguous(rel: str, rows: list[dict], templates: tuple[str, ...]) -> list[Fact]:
+    """One fact per subject: repeated lines collapse, and a subject listed with several objects
+    (e.g. two places called "Georgia") is dropped, since its prompts have more than one right
+    answer and would count one of them wrong."""
+    objects: dict[str, set[str]] = {}
+    for r in rows:
+        objects.setdefault(r["sub_label"], set()).add(r["obj_label"])
+    return [Fact(rel, s, next(iter(o)), templates) for s, o in objects.items() if len(o) == 1]
 
 
 def sample_facts(facts: list[Fact], n: int | None, seed: int = 0) -> list[Fact]:

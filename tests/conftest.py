@@ -17,7 +17,18 @@ _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden
                bos_token_id=2, eos_token_id=3, pad_token_id=1)
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, layers: int = 2):
+
+    config = _tiny_config(family)
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            setattr(config, key, layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(layers)]
+    return config
+
+
+def _tiny_config(family: str):
     from transformers import AutoConfig
 
     if family == "gpt2":
@@ -35,12 +46,12 @@ def tiny_config(family: str):
     return AutoConfig.for_model(family, **_COMMON, **extra)
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
-    """A fresh 2-layer model with hidden size 64 and grouped-query attention, in eval mode."""
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A fresh model (2 layers unless asked) with hidden size 64 and grouped-query attention, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), attn_implementation="eager")
     model.eval().requires_grad_(False)
     return model
 

@@ -111,12 +111,11 @@ def test_components_refuses_an_unknown_position(local_model, tmp_path, data_dir,
     assert not out.exists()
 
 
-@pytest.fixture
-def knowing_model(tmp_path):
+def knowing(tmp_path, layers: int = 2):
     """A tiny model saved with a data folder of facts it answers correctly (its own predictions)."""
     from tests.test_causal import known_facts
 
-    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model, tok = tiny_model("llama", layers=layers), tiny_tokenizer()
     model.lm_head.weight.data[len(tok):] = -1
     facts = known_facts(model, tok)
     path = tmp_path / "model"
@@ -134,6 +133,11 @@ def knowing_model(tmp_path):
     for split in ("test", "valid"):
         (data / "wikitext-2" / f"{split}.txt").write_text(text)
     return str(path), data
+
+
+@pytest.fixture
+def knowing_model(tmp_path):
+    return knowing(tmp_path)
 
 
 def test_trace_end_to_end(local_model, tmp_path, data_dir):
@@ -169,3 +173,41 @@ def test_patch_end_to_end(knowing_model, tmp_path):
 def test_patch_refuses_the_reference_alone(local_model, tmp_path, data_dir, capsys):
     assert main(analysis_args("patch", local_model, tmp_path / "out", data_dir, "--bits", "16")) == 2
     assert "needs a quantized width" in capsys.readouterr().err
+
+
+def test_sensitivity_end_to_end(knowing_model, tmp_path):
+    model, data = knowing_model
+    out = tmp_path / "out"
+    args = ["sensitivity", "--model", model, "--bits", "3", "--method", "rtn", "--group-size", "32", "--data",
+            str(data), "--facts", "20", "--ppl-tokens", "200", "--ppl-window", "50", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads((out / "sensitivity.json").read_text())
+    rows = pd.DataFrame(doc["rows"])
+    for col in ("scope", "target", "bits", "robust_acc", "robust_acc_lo", "failure_acc", "failure_acc_hi", "ppl",
+                "avg_bits"):
+        assert col in rows
+    assert set(rows.scope) == {"none", "all", "layer", "weight_type", "prefix"}
+    assert rows.ppl.notna().all() and "first_domino" in doc
+    assert (out / "sensitivity.png").exists()
+
+
+def test_repair_end_to_end(tmp_path):
+    path, data = knowing(tmp_path, layers=4)  # amplification needs layers between the middle and the last
+    out = tmp_path / "out"
+    args = ["repair", "--model", str(path), "--bits", "3", "--method", "rtn", "--group-size", "32", "--data",
+            str(data), "--facts", "20", "--ppl-tokens", "200", "--ppl-window", "50", "--protect-k", "1",
+            "--eora-ranks", "4", "--calib-samples", "2", "--calib-len", "16", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads((out / "repair.json").read_text())
+    rows = pd.DataFrame(doc["rows"])
+    assert list(rows.repair) == ["none", "protect_first", "eora", "amplify"]
+    for col in ("params", "avg_bits", "failure_acc", "robust_acc", "ppl", "baseline_avg_bits",
+                "baseline_failure_acc", "baseline_robust_acc", "baseline_ppl"):
+        assert col in rows
+    assert not set(doc["held_out_facts"]) & set(doc["scored_facts"])
+    assert (out / "repair.png").exists()
+
+
+def test_repair_refuses_several_widths(local_model, tmp_path, data_dir, capsys):
+    assert main(analysis_args("repair", local_model, tmp_path / "out", data_dir, "--bits", "4,2")) == 2
+    assert "one width at a time" in capsys.readouterr().err

@@ -29,6 +29,24 @@ def test_pararel_from_the_shared_copy(data_dir):
     assert capital and all(p.endswith(" is") or not p.endswith(" ") for p in capital[0].prompts())
 
 
+def test_repeated_and_ambiguous_subjects(tmp_path):
+    import json
+
+    for sub in ("patterns", "facts"):
+        (tmp_path / "pararel" / sub).mkdir(parents=True)
+    (tmp_path / "pararel" / "patterns" / "P1.jsonl").write_text(json.dumps({"pattern": "[X] is in [Y]."}))
+    lines = [("Paris", "France"), ("Paris", "France"), ("Georgia", "Asia"), ("Georgia", "America"), ("Rome", "Italy")]
+    (tmp_path / "pararel" / "facts" / "P1.jsonl").write_text(
+        "\n".join(json.dumps({"sub_label": s, "obj_label": o}) for s, o in lines))
+    facts = data.load_pararel(tmp_path)
+    assert [(f.subject, f.obj) for f in facts] == [("Paris", "France"), ("Rome", "Italy")]
+
+
+def test_fact_ids_are_unique_in_the_shared_copy(data_dir):
+    ids = [f.id for f in data.load_pararel(data_dir)]
+    assert len(ids) == len(set(ids))
+
+
 def test_pararel_from_qdiag_data_variable(data_dir, monkeypatch):
     monkeypatch.setenv("QDIAG_DATA", str(data_dir))
     assert {f.relation for f in data.load_pararel(relations=["P36"])} == {"P36"}

@@ -100,14 +100,7 @@ def test_amplification_grid_with_alpha_zero_is_the_plain_model():
     table = prompt_table(facts, tok)
     with pytest.raises(ValueError, match="too few layers"):
         R.amplification_grid(lm, table)
-    from transformers import AutoModelForCausalLM
-
-    from tests.conftest import tiny_config
-
-    cfg = tiny_config("llama")
-    cfg.num_hidden_layers = 4
-    torch.manual_seed(0)
-    four = wrap(AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval(), tok)
+    four = wrap(tiny_model("llama", layers=4), tok)
     grid = R.amplification_grid(four, table, alphas=(0.0, 3.0))
     plain = score_prompts(four, tok, table)
     zero = grid[(grid.alpha == 0) & (grid.rule == "confident")].merge(plain, on=["fact", "template"])
@@ -116,16 +109,9 @@ def test_amplification_grid_with_alpha_zero_is_the_plain_model():
 
 
 def test_run_repair_scores_on_facts_it_did_not_choose_on():
-    from transformers import AutoModelForCausalLM
-
-    from tests.conftest import tiny_config
     from tests.test_causal import known_facts
 
-    cfg = tiny_config("llama")
-    cfg.num_hidden_layers = 4
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().requires_grad_(False)
-    tok = tiny_tokenizer()
+    model, tok = tiny_model("llama", layers=4), tiny_tokenizer()
     model.lm_head.weight[len(tok):] = -1
     lm = wrap(model, tok)
     facts = known_facts(model, tok)

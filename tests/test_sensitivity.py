@@ -65,7 +65,8 @@ def test_first_domino_reads_the_rows(setting):
 
     rows = pd.DataFrame([
         {"scope": "layer", "target": "0", "robust_acc": 0.2}, {"scope": "layer", "target": "1", "robust_acc": 0.9},
-        {"scope": "prefix", "target": "0-0", "robust_acc": 0.6}, {"scope": "prefix", "target": "0-1", "robust_acc": 0.4},
+        {"scope": "prefix", "target": "0-0", "robust_acc": 0.6},
+        {"scope": "prefix", "target": "0-1", "robust_acc": 0.4},
         {"scope": "weight_type", "target": "down", "robust_acc": 0.3},
         {"scope": "weight_type", "target": "q", "robust_acc": 0.8}])
     f = first_domino(rows)
