@@ -89,6 +89,15 @@ def protect_kurtosis(model: nn.Module, spec: QuantSpec, threshold: float, granul
     return plan
 
 
+def threshold_for_share(table: pd.DataFrame, share: float, granularity: str = "matrix") -> float:
+    """The kurtosis threshold above which ``share`` of the matrices lie (a rule stated before
+    looking at any result: protect the most outlier-heavy ``share`` of the matrices)."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    column = {"matrix": "kurtosis", "channel": "max_channel_kurtosis"}[granularity]
+    return float(table[column].quantile(1 - share))
+
+
 GROUP_CANDIDATES = (256, 128, 96, 64, 48, 32, 16)
 
 
@@ -353,6 +362,10 @@ def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torc
         rows.append({"repair": "inject", "params": {"layer": inject_layer}, "avg_bits": float("nan"),
                      **_injection_accuracy(model, plain, scored_right, subset, inject_layer, seed)})
     out = pd.DataFrame(rows)
+    # "beats uniform": more Failure prompts right than uniform at the closest bits, and no fewer Robust ones
+    beats = (out.failure_acc > out.baseline_failure_acc) & (out.robust_acc >= out.baseline_robust_acc)
+    out["beats_uniform"] = beats.astype(object)
+    out.loc[out.repair.isin(["none", "inject"]), "beats_uniform"] = None
     out.insert(0, "bits", spec.bits)
     out.insert(0, "method", spec.method)
     out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v}" for k, v in p.items()))
@@ -402,3 +415,24 @@ def save_repair(res: RepairResult, out, meta: dict, title: str = "") -> None:
                                                          "held_out_facts": res.held_out_facts,
                                                          "scored_facts": res.scored_facts},
                   figures={"repair": pareto_figure(res.rows, title)})
+
+
+def findings(rows: pd.DataFrame, bits: int) -> dict:
+    """One width's repair results for the prose, keyed ``w<bits>_<name>``: which repairs beat uniform
+    quantization at the closest bits, the best Failure accuracy and by which repair, and whether
+    any repair gets a tenth of the Failure prompts back ("repairable" in the paper's loose sense)."""
+    d = rows[rows.bits == bits]
+    key = f"w{bits}"
+    named = d.repair + d.params.map(lambda p: f" ({p})" if p else "")
+    tried = d[~d.repair.isin(["none"])]
+    out: dict = {f"{key}_n_failure": int(d.n_failure.iloc[0]), f"{key}_n_robust": int(d.n_robust.iloc[0])}
+    beats = named[d.beats_uniform.eq(True)].tolist()
+    out[f"{key}_beats"] = ", ".join(beats) if beats else "none"
+    fails = named[d.beats_uniform.eq(False)].tolist()
+    out[f"{key}_does_not_beat"] = ", ".join(fails) if fails else "none"
+    if len(tried):
+        best = tried.loc[tried.failure_acc.idxmax()]
+        out[f"{key}_best_failure_acc"] = float(best.failure_acc)
+        out[f"{key}_best_repair"] = f"{best.repair} ({best.params})"
+        out[f"{key}_any_repairs"] = bool(best.failure_acc >= 0.1)
+    return out

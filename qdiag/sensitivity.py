@@ -109,20 +109,24 @@ def run_sensitivity(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib:
 
 
 def first_domino(rows: pd.DataFrame) -> dict:
-    """Where the failure starts: the single layer whose quantization costs the most Robust accuracy,
-    and the shortest prefix 0..k that loses at least half of it."""
+    """Where the failure starts, read on the prompts the reference gets right (Robust and Failure
+    together, weighted by size): the single layer and the weight type whose quantization alone
+    keeps the fewest of them right, and the shortest prefix 0..k that keeps half or fewer."""
+    def kept(d: pd.DataFrame) -> pd.Series:
+        nr, nf = d.n_robust.fillna(0), d.n_failure.fillna(0)
+        return (d.robust_acc.fillna(0) * nr + d.failure_acc.fillna(0) * nf) / (nr + nf)
+
     out: dict = {}
-    layer = rows[rows.scope == "layer"]
-    if len(layer) and layer.robust_acc.notna().any():
-        worst = layer.loc[layer.robust_acc.idxmin()]
-        out["worst_layer"], out["worst_layer_robust_acc"] = int(worst.target), float(worst.robust_acc)
+    for scope, name in (("layer", "worst_layer"), ("weight_type", "worst_weight_type")):
+        d = rows[rows.scope == scope]
+        if len(d):
+            k = kept(d)
+            worst = d.loc[k.idxmin()]
+            out[name] = int(worst.target) if scope == "layer" else str(worst.target)
+            out[f"{name}_kept"] = float(k.min())
     prefix = rows[rows.scope == "prefix"]
-    half = prefix[prefix.robust_acc <= 0.5]
+    half = prefix[kept(prefix) <= 0.5] if len(prefix) else prefix
     out["half_prefix_end"] = int(half.target.iloc[0].split("-")[1]) if len(half) else None
-    wt = rows[rows.scope == "weight_type"]
-    if len(wt) and wt.robust_acc.notna().any():
-        worst = wt.loc[wt.robust_acc.idxmin()]
-        out["worst_weight_type"], out["worst_weight_type_robust_acc"] = str(worst.target), float(worst.robust_acc)
     return out
 
 
@@ -134,3 +138,24 @@ def save_sensitivity(res: SensitivityResult, out: str | Path, meta: dict, title:
     save_analysis(out, "sensitivity", meta, res.rows, extra={"first_domino": first_domino(res.rows)},
                   figures={"sensitivity": sensitivity_figure(res.rows, title)})
 
+
+
+def findings(rows: pd.DataFrame, method: str, bits: int, n_layers: int) -> dict:
+    """The domino numbers and the paper's claims as booleans for one width, keyed ``w<bits>_<name>``:
+    the prefixes 0..0, 0..1 and 0..5 (the paper's table), the most fragile layer and weight type,
+    whether that layer is in the first quarter of the network."""
+    d = rows[(rows.method == method) & (rows.bits == bits)]
+    key = f"w{bits}"
+    out: dict = {f"{key}_n_robust": int(d.n_robust.iloc[0]), f"{key}_n_failure": int(d.n_failure.iloc[0])}
+    for k in (0, 1, 5):
+        r = d[(d.scope == "prefix") & (d.target == f"0-{k}")]
+        for name in ("robust", "failure"):
+            out[f"{key}_prefix{k}_{name}"] = float(r[f"{name}_acc"].iloc[0]) if len(r) else float("nan")
+    dom = first_domino(d)
+    out[f"{key}_worst_layer"] = dom.get("worst_layer")
+    out[f"{key}_worst_layer_early"] = (dom["worst_layer"] < n_layers / 4) if "worst_layer" in dom else None
+    out[f"{key}_worst_weight_type"] = dom.get("worst_weight_type")
+    out[f"{key}_worst_is_down_or_v"] = (dom["worst_weight_type"] in ("down", "v")) if "worst_weight_type" in dom \
+        else None
+    out[f"{key}_half_prefix_end"] = dom.get("half_prefix_end")
+    return out

@@ -41,6 +41,8 @@ def test_kurtosis_by_hand_and_the_rule_protects_outlier_matrices():
     assert high == ["model.layers.1.mlp.down_proj"]
     with pytest.raises(ValueError, match="granularity"):
         R.protect_kurtosis(lm, SPEC, 1.0, granularity="head")
+    t = R.threshold_for_share(table, 0.25)
+    assert (table["kurtosis"] > t).sum() == round(0.25 * len(table))
 
 
 def test_matching_uniform_picks_the_closest_group_size():
@@ -128,3 +130,4 @@ def test_run_repair_scores_on_facts_it_did_not_choose_on():
     assert rows.loc["none", "baseline_group_size"] == 32
     assert rows.loc["none", "failure_acc"] == rows.loc["none", "baseline_failure_acc"] == 0
     assert rows.loc["none", "robust_acc"] == 1
+    assert rows.loc["none", "beats_uniform"] is None and rows.loc["eora", "beats_uniform"] in (True, False)

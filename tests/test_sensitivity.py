@@ -63,11 +63,14 @@ def test_the_ends_of_the_sweep_are_the_reference_and_the_quantized_model(setting
 def test_first_domino_reads_the_rows(setting):
     import pandas as pd
 
-    rows = pd.DataFrame([
-        {"scope": "layer", "target": "0", "robust_acc": 0.2}, {"scope": "layer", "target": "1", "robust_acc": 0.9},
-        {"scope": "prefix", "target": "0-0", "robust_acc": 0.6},
-        {"scope": "prefix", "target": "0-1", "robust_acc": 0.4},
-        {"scope": "weight_type", "target": "down", "robust_acc": 0.3},
-        {"scope": "weight_type", "target": "q", "robust_acc": 0.8}])
+    def row(scope, target, robust, failure):  # 3 Robust and 1 Failure prompt
+        return {"scope": scope, "target": target, "robust_acc": robust, "failure_acc": failure, "n_robust": 3,
+                "n_failure": 1}
+
+    rows = pd.DataFrame([row("layer", "0", 0.2, 1.0), row("layer", "1", 0.9, 0.0),
+                         row("prefix", "0-0", 2 / 3, 0.0), row("prefix", "0-1", 1 / 3, 0.0),
+                         row("weight_type", "down", 0.3, 0.0), row("weight_type", "q", 0.8, 1.0)])
     f = first_domino(rows)
-    assert f["worst_layer"] == 0 and f["half_prefix_end"] == 1 and f["worst_weight_type"] == "down"
+    # kept shares: layer 0 (0.6 + 1) / 4 = 0.4 < layer 1 (2.7 + 0) / 4 = 0.675
+    assert f["worst_layer"] == 0 and f["worst_layer_kept"] == pytest.approx(0.4)
+    assert f["half_prefix_end"] == 0 and f["worst_weight_type"] == "down"
