@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import atomic_write_bytes
+from .io import _umask, atomic_write_bytes
 
 PACKAGES = ["qdiag", "torch", "transformers", "nnsight", "gguf", "papermill", "jupyter-book", "myst-nb",
             "matplotlib", "seaborn", "pandas", "numpy"]
@@ -56,6 +56,7 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: s
         with _environment(TQDM_DISABLE="1"):
             pm.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(cwd), kernel_name=kernel,
                                 progress_bar=False)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):

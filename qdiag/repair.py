@@ -368,7 +368,8 @@ def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torc
     out.loc[out.repair.isin(["none", "inject"]), "beats_uniform"] = None
     out.insert(0, "bits", spec.bits)
     out.insert(0, "method", spec.method)
-    out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v}" for k, v in p.items()))
+    out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in p.items()))
     return RepairResult(out, choice, sorted({f.id for f in choose}), sorted(score_ids))
 
 
