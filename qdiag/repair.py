@@ -23,6 +23,7 @@ beside uniform quantization at the same budget.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -137,11 +138,12 @@ class LowRank:
         return self.base.nbytes + (self.B.numel() + self.A.numel()) * 2  # stored at 16 bits
 
 
-def eora_factors(error: torch.Tensor, H: torch.Tensor, rank: int,
-                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def eora_factors(error: torch.Tensor, H: torch.Tensor, rank: int, eps: float = 1e-6,
+                 eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``B (out, r)``, ``A (r, in)`` with ``B A`` the best rank-r fit of ``error (out, in)`` in the
-    norm weighted by the input second moment ``H = X^T X / n``; full rank returns ``error``."""
-    evals, U = torch.linalg.eigh(H.double())
+    norm weighted by the input second moment ``H = X^T X / n``; full rank returns ``error``.
+    ``eig``: ``torch.linalg.eigh(H.double())`` when already computed (matrices sharing an input)."""
+    evals, U = eig if eig is not None else torch.linalg.eigh(H.double())
     evals = evals.clamp_min(eps * float(evals.max().clamp_min(eps)))
     s = evals.sqrt()
     projected = error.double() @ U * s  # E U L^1/2
@@ -158,11 +160,16 @@ def eora(model: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tensor
         raise ValueError(f"rank must be at least 1, got {rank}")
     hf = unwrap(model)
     tensors = dict(qw.tensors)
+    eigs: dict[bytes, tuple] = {}  # q/k/v (and gate/up) read the same input: one eigh for each input
     for name, q in qw.tensors.items():
         if name not in moments:
             continue
+        H = moments[name]
+        key = hashlib.blake2b(H.contiguous().numpy().tobytes(), digest_size=16).digest()
+        if key not in eigs:
+            eigs[key] = torch.linalg.eigh(H.double())
         w = weight_matrix(hf.get_submodule(name)).detach().float().cpu()
-        B, A = eora_factors(w - q.dequantize(torch.float32).cpu(), moments[name], rank)
+        B, A = eora_factors(w - q.dequantize(torch.float32).cpu(), H, rank, eig=eigs[key])
         tensors[name] = LowRank(q, B, A)
     return QuantizedWeights(qw.plan, tensors, qw.seconds)
 
