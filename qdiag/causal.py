@@ -37,7 +37,7 @@ from .arch import resolve
 from .data import Fact
 from .io import save_analysis
 from .patch import SITES, Edit, Rerun
-from .plan import uniform_plan
+from .plan import check_specs, uniform_plan
 from .quantize import QuantSpec
 from .swap import quantize_model
 from .trace import collect
@@ -120,8 +120,7 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], cali
         raise ValueError("no quantized configuration given (16 bits is the reference itself)")
     tok = model.tokenizer
     arch = resolve(model)
-    for s in specs:
-        uniform_plan(model, s, arch=arch)
+    check_specs(model, specs, arch)
     n_layers = arch.n_layers
     table = ev.prompt_table(facts, tok)
     fp_scored = ev.score_prompts(model, tok, table, progress=progress)
@@ -134,8 +133,7 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], cali
         qw = quantize_model(model, uniform_plan(model, spec, arch=arch), calib, progress=progress)
         with qw.applied(model):
             q_scored = ev.score_prompts(model, tok, table, progress=progress)
-        subset = ev.subsets(fp_scored, q_scored).reset_index()
-        right = table.merge(subset[subset.subset != "fp_wrong"], on=["fact", "template"])
+        right = ev.reference_right(table, fp_scored, q_scored)
         chunks = P.batches(right, facts, batch_size)
         recs, abl, inj, cos = [], [], [], []
         for chunk in tqdm(chunks, desc=f"causal {spec.method} {spec.bits}-bit", disable=not progress):

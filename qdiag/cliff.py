@@ -18,7 +18,7 @@ from . import evaluate as ev
 from .arch import resolve
 from .data import Fact
 from .io import atomic_write_bytes, write_csv, write_json
-from .plan import avg_bits, uniform_plan
+from .plan import avg_bits, check_specs, uniform_plan
 from .quantize import FULL_PRECISION, QuantSpec, parse_bits
 from .swap import quantize_model
 
@@ -53,9 +53,7 @@ def run_cliff(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], ppl_t
     """Quantize the model with each spec in turn (one at a time, weights swapped), and measure."""
     tok = model.tokenizer
     arch = resolve(model)
-    for s in specs:  # every plan is checked before any work starts
-        if not s.is_full_precision:
-            uniform_plan(model, s, arch=arch)
+    check_specs(model, specs, arch)
     table = ev.prompt_table(facts, tok)
     sample_prompts = [f.prompts()[0] for f in facts[:n_generations]]
     rows, prompts, gens = [], [], []

@@ -36,7 +36,7 @@ from .arch import attention_window, resolve
 from .data import Fact
 from .evaluate import prompt_table
 from .io import save_analysis
-from .plan import avg_bits, uniform_plan
+from .plan import avg_bits, check_specs, uniform_plan
 from .quantize import FULL_PRECISION, QuantSpec
 from .swap import quantize_model
 from .trace import collect
@@ -108,13 +108,9 @@ def run_components(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], 
     positions = P.check(positions)
     if not 0 < top_fraction <= 1:
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-    if not specs:
-        raise ValueError("no configurations given")
     tok = model.tokenizer
     arch = resolve(model)
-    for s in specs:
-        if not s.is_full_precision:
-            uniform_plan(model, s, arch=arch)
+    check_specs(model, specs, arch)
     chunks = P.batches(prompt_table(facts, tok), facts, batch_size)
     windows = [attention_window(model, layer) for layer in range(arch.n_layers)]
     rows = []

@@ -158,6 +158,18 @@ def subsets(fp: pd.DataFrame, quant: pd.DataFrame) -> pd.Series:
     return pd.Series(label, index=pd.MultiIndex.from_frame(m[key]), name="subset")
 
 
+def reference_right(table: pd.DataFrame, fp: pd.DataFrame, quant: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``table`` whose prompt the reference (scored ``fp``) gets right, with their
+    ``subset`` against the quantized model's scores ``quant``: "robust" or "failure". Raises when
+    there are none (nothing to recover or to lose)."""
+    subset = subsets(fp, quant).reset_index()
+    right = table.merge(subset[subset.subset != "fp_wrong"], on=["fact", "template"])
+    if right.empty:
+        raise ValueError(f"the reference answers none of the {len(table)} prompts correctly, so there is nothing "
+                         "to recover or to lose; use more facts (--facts) or a larger model")
+    return right
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
     """Greedy continuations of each prompt (for showing what a quantized model says)."""

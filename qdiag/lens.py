@@ -22,7 +22,7 @@ from . import evaluate as ev
 from . import positions as P
 from .arch import Arch, resolve, unwrap
 from .data import Fact
-from .plan import uniform_plan
+from .plan import check_specs, uniform_plan
 from .quantize import QuantSpec
 from .swap import quantize_model
 from .trace import collect
@@ -106,13 +106,9 @@ def run_lens(model, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tens
              final_norm: bool = True, batch_size: int = 16, seed: int = 0, progress: bool = True) -> LensResult:
     """The logit lens of the reference and of each configuration, on each configuration's Robust
     and Failure subsets (and on all prompts). Subsets come from the output's greedy answer."""
-    if not specs:
-        raise ValueError("no configurations given")
     tok = model.tokenizer
     arch = resolve(model)
-    for s in specs:
-        if not s.is_full_precision:
-            uniform_plan(model, s, arch=arch)
+    check_specs(model, specs, arch)
     table = ev.prompt_table(facts, tok)
     chunks = P.batches(table, facts, batch_size)
     key = ["fact", "template"]

@@ -33,6 +33,18 @@ def uniform_plan(model: nn.Module, spec: QuantSpec, layers: Iterable[int] | None
     return validate(model, plan)
 
 
+def check_specs(model: nn.Module, specs: Iterable[QuantSpec], arch: Arch | None = None) -> list[QuantSpec]:
+    """Check that every spec fits every decoder matrix (a uniform plan of it), before any work."""
+    specs = list(specs)
+    if not specs:
+        raise ValueError("no configurations given")
+    arch = arch or resolve(model)
+    for s in specs:
+        if not s.is_full_precision:
+            uniform_plan(model, s, arch=arch)
+    return specs
+
+
 def mixed_plan(base: Plan, overrides: Plan) -> Plan:
     """``base`` with some modules given another spec (e.g. the first layers at 8 bits)."""
     return {**base, **overrides}

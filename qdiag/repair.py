@@ -312,9 +312,9 @@ def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torc
     fp_scored = ev.score_prompts(model, tok, table)
     with plain.applied(model):
         q_scored = ev.score_prompts(model, tok, table)
-    subset = ev.subsets(fp_scored, q_scored).reset_index()
-    subset = subset[subset.subset != "fp_wrong"]
-    right = table.merge(subset[["fact", "template"]], on=["fact", "template"])
+    right = ev.reference_right(table, fp_scored, q_scored)
+    subset = right[["fact", "template", "subset"]]
+    right = right.drop(columns="subset")
     scored_right = right[right.fact.isin(score_ids)]
     if scored_right.empty:
         raise ValueError("the reference answers none of the scored facts' prompts correctly; use more facts")

@@ -31,7 +31,7 @@ from .arch import resolve
 from .data import Fact
 from .evaluate import prompt_table
 from .io import save_analysis
-from .plan import avg_bits, uniform_plan
+from .plan import avg_bits, check_specs, uniform_plan
 from .quantize import FULL_PRECISION, QuantSpec
 from .swap import quantize_model
 from .trace import collect
@@ -86,12 +86,8 @@ def run_representations(model: nn.Module, facts: list[Fact], specs: list[QuantSp
         raise ValueError(f"k (principal directions) must be at least 1, got {k}")
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
-    if not specs:
-        raise ValueError("no configurations given")
     arch = resolve(model)
-    for s in specs:
-        if not s.is_full_precision:
-            uniform_plan(model, s, arch=arch)
+    check_specs(model, specs, arch)
     chunks = P.batches(prompt_table(facts, model.tokenizer), facts, batch_size)
     fp = hidden_states(model, chunks, position, max_tokens, progress)
     rows, cka = [], {}

@@ -90,17 +90,13 @@ def run_sensitivity(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib:
     fp_scored = ev.score_prompts(model, tok, table)
     with full.applied(model):
         q_scored = ev.score_prompts(model, tok, table)
-    subset = ev.subsets(fp_scored, q_scored).reset_index()
-    subset = subset[subset.subset != "fp_wrong"]
-    right = table.merge(subset[["fact", "template"]], on=["fact", "template"])
-    if right.empty:
-        raise ValueError(f"the reference answers none of the {len(table)} prompts correctly, so there is nothing "
-                         "to lose; use more facts (--facts) or a larger model")
+    right = ev.reference_right(table, fp_scored, q_scored)
+    subset = right[["fact", "template", "subset"]]
     rows, prompts = [], []
     for scope, target, plan in tqdm(configs, desc=f"sensitivity {spec.method} {spec.bits}-bit", disable=not progress):
         qw = QuantizedWeights(plan, {n: full.tensors[n] for n in plan}) if plan else None
         with qw.applied(model) if qw else nullcontext():
-            scored = ev.score_prompts(model, tok, right)
+            scored = ev.score_prompts(model, tok, right.drop(columns="subset"))
             ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
         rows.append({"scope": scope, "target": target, "method": spec.method, "bits": spec.bits,
                      "avg_bits": avg_bits(model, plan, arch), "ppl": ppl, **subset_accuracy(scored, subset, seed)})
