@@ -289,7 +289,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> None:
-    from .repair import ALPHAS, run_repair, save_repair
+    from .amplify import ALPHAS
+    from .repair import run_repair, save_repair
 
     specs = _one_width(_specs(args))
     if len(specs) > 1:

@@ -5,25 +5,15 @@ beside uniform quantization at the same budget.
 - ``protect_kurtosis``: matrices whose weights are outlier-heavy (excess kurtosis above a
   threshold) at a higher width. ``granularity="matrix"``: the kurtosis of all the matrix's
   weights; ``"channel"``: the largest kurtosis of any output channel (row).
-- ``eora``: EoRA-style low-rank compensation. For each matrix, the quantization error
-  ``E = W - Q`` is projected on the eigenspace of its calibration inputs (``X^T X = U L U^T``), the
-  rank-r SVD of ``E U L^1/2`` is taken and mapped back, giving ``B A`` that minimises
-  ``||(E - B A) X||``; the model then runs with ``Q + B A``. B and A are stored at 16 bits and
-  counted in the average bits. At full rank ``Q + B A = W``.
-- ``amplify``: peak signal amplification, an inference-time intervention. The logit lens (final
-  norm applied) at a "peak" layer is added to the output logits with weight alpha,
-  ``logits = out + alpha * lens(peak)`` (a product of experts: ``p ~ p_out * p_peak^alpha``). The
-  peak is either one fixed layer, or, per prompt, the most confident layer in the upper half of the
-  network (highest top-1 probability, the last layer excluded), so it needs no knowledge of the
-  answer. The layer, the rule and alpha are chosen on a held-out split of facts and scored on the
-  others.
+- EoRA-style low-rank compensation of each matrix's error (``qdiag.eora``).
+- Peak signal amplification, an inference-time intervention (``qdiag.amplify``).
+- Clean-signal injection at 2 bits: not deployable (it needs the reference), the paper's last try.
 - ``matching_uniform``: the plain uniform configuration (same width, a smaller group) whose
   average bits are closest to a repair's, for a fair comparison.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,10 +22,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .amplify import ALPHAS, amplification_grid, choose_amplification
 from .arch import Arch, resolve, unwrap, weight_matrix
 from .data import Fact
+from .eora import eora, eora_avg_bits, input_moments_for
 from .plan import Plan, avg_bits, uniform_plan
-from .quantize import QTensor, QuantSpec, bits_per_weight
+from .quantize import QuantSpec
 from .swap import QuantizedWeights
 
 
@@ -122,72 +114,6 @@ def matching_uniform(model: nn.Module, spec: QuantSpec, target_bits: float, arch
     return best
 
 
-@dataclass
-class LowRank:
-    """A quantized matrix plus a low-rank correction: de-quantizes to ``Q + B A``."""
-
-    base: QTensor
-    B: torch.Tensor  # (out, r)
-    A: torch.Tensor  # (r, in)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.base.dequantize(torch.float32) + self.B.float() @ self.A.float()).to(dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.base.nbytes + (self.B.numel() + self.A.numel()) * 2  # stored at 16 bits
-
-
-def eora_factors(error: torch.Tensor, H: torch.Tensor, rank: int, eps: float = 1e-6,
-                 eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B (out, r)``, ``A (r, in)`` with ``B A`` the best rank-r fit of ``error (out, in)`` in the
-    norm weighted by the input second moment ``H = X^T X / n``; full rank returns ``error``.
-    ``eig``: ``torch.linalg.eigh(H.double())`` when already computed (matrices sharing an input)."""
-    evals, U = eig if eig is not None else torch.linalg.eigh(H.double())
-    evals = evals.clamp_min(eps * float(evals.max().clamp_min(eps)))
-    s = evals.sqrt()
-    projected = error.double() @ U * s  # E U L^1/2
-    Uu, S, Vh = torch.linalg.svd(projected, full_matrices=False)
-    r = min(rank, S.numel())
-    B = Uu[:, :r] * S[:r]
-    A = (Vh[:r] / s) @ U.t()  # V^T L^-1/2 U^T
-    return B.float(), A.float()
-
-
-def eora(model: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tensor], rank: int) -> QuantizedWeights:
-    """``qw`` with every matrix that has an input moment corrected by a rank-``rank`` EoRA term."""
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    hf = unwrap(model)
-    tensors = dict(qw.tensors)
-    eigs: dict[bytes, tuple] = {}  # q/k/v (and gate/up) read the same input: one eigh for each input
-    for name, q in qw.tensors.items():
-        if name not in moments:
-            continue
-        H = moments[name]
-        key = hashlib.blake2b(H.contiguous().numpy().tobytes(), digest_size=16).digest()
-        if key not in eigs:
-            eigs[key] = torch.linalg.eigh(H.double())
-        w = weight_matrix(hf.get_submodule(name)).detach().float().cpu()
-        B, A = eora_factors(w - q.dequantize(torch.float32).cpu(), H, rank, eig=eigs[key])
-        tensors[name] = LowRank(q, B, A)
-    return QuantizedWeights(qw.plan, tensors, qw.seconds)
-
-
-def eora_avg_bits(model: nn.Module, plan: Plan, rank: int, arch: Arch | None = None) -> float:
-    """Average bits of a plan plus 16-bit rank-r factors on every planned matrix."""
-    arch = arch or resolve(model)
-    hf = unwrap(model)
-    total_bits = total = 0.0
-    for name in arch.linear_names():
-        out, cols = weight_matrix(hf.get_submodule(name)).shape
-        spec = plan.get(name, QuantSpec(16))
-        extra = 16 * min(rank, out, cols) * (out + cols) if name in plan and not spec.is_full_precision else 0
-        total_bits += bits_per_weight(spec, cols) * out * cols + extra
-        total += out * cols
-    return total_bits / total
-
-
 def split_facts(facts: list[Fact], held_out: float = 0.5, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
     """Facts for choosing a repair's settings, and disjoint facts for scoring it (seeded, per relation)."""
     if not 0 < held_out < 1:
@@ -203,61 +129,6 @@ def split_facts(facts: list[Fact], held_out: float = 0.5, seed: int = 0) -> tupl
         choose += group[:cut]
         score += group[cut:]
     return choose, score
-
-
-ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
-
-
-@torch.no_grad()
-def amplification_grid(model: nn.Module, table: pd.DataFrame, alphas: Sequence[float] = ALPHAS,
-                       batch_size: int = 16) -> pd.DataFrame:
-    """For every prompt of ``table`` (``prompt``, ``answer_id``, ``fact``, ``template``) and every
-    (rule, layer, alpha) candidate, whether ``out + alpha * lens(peak)`` puts the answer on top.
-    Rules: ``fixed`` (peak = ``layer``, each layer of the upper half but the last) and
-    ``confident`` (per prompt, the upper-half layer with the highest top-1 probability; ``layer``
-    -1). Run it inside ``qw.applied(model)`` to amplify a quantized model."""
-    from . import positions as P
-    from .lens import project
-    from .trace import collect
-
-    arch = resolve(model)
-    n = arch.n_layers
-    upper = list(range(n // 2, n - 1))
-    if not upper:
-        raise ValueError("the model has too few layers for a peak layer below the last")
-    out = []
-    for start in range(0, len(table), batch_size):
-        chunk = table.iloc[start : start + batch_size]
-        batch = P.encode(model.tokenizer, chunk.prompt.tolist())
-        last = torch.full((len(chunk), 1), batch["input_ids"].shape[1] - 1)
-        resid = collect(model, batch, ("resid",), layers=upper + [n - 1], arch=arch, tokens=last)["resid"]
-        dtype = next(unwrap(model).parameters()).dtype
-        logits = torch.stack([project(model, h[:, 0].to(dtype), arch=arch) for h in resid], 1).cpu()  # (B, U+1, V)
-        final, lens = logits[:, -1], logits[:, :-1]
-        answer = torch.tensor(chunk.answer_id.to_numpy())
-        confident = torch.softmax(lens, -1).amax(-1).argmax(1)  # (B,) index into upper
-        peak_conf = lens[torch.arange(len(chunk)), confident]
-        ident = {"fact": chunk.fact.to_numpy(), "template": chunk.template.to_numpy()}
-        for alpha in alphas:
-            for rule, layer, peak in [("fixed", upper[j], lens[:, j]) for j in range(len(upper))] + [
-                    ("confident", -1, peak_conf)]:
-                pred = (final + alpha * peak).argmax(-1)
-                out.append(pd.DataFrame({**ident, "rule": rule, "layer": layer, "alpha": alpha,
-                                         "correct": (pred == answer).numpy()}))
-    return pd.concat(out, ignore_index=True)
-
-
-def choose_amplification(grid: pd.DataFrame, facts: Sequence[str]) -> dict:
-    """The (rule, layer, alpha) with the best accuracy on the prompts of ``facts`` (ids) only; ties
-    go to the smaller alpha, then the ``confident`` rule, then the earlier layer."""
-    d = grid[grid.fact.isin(set(facts))]
-    if d.empty:
-        raise ValueError("no held-out prompts to choose the amplification on")
-    acc = d.groupby(["rule", "layer", "alpha"], as_index=False).correct.mean()
-    acc["rule_order"] = (acc.rule != "confident").astype(int)
-    best = acc.sort_values(["correct", "alpha", "rule_order", "layer"], ascending=[False, True, True, True]).iloc[0]
-    return {"rule": best.rule, "layer": int(best.layer), "alpha": float(best.alpha),
-            "held_out_acc": float(best.correct), "held_out_facts": sorted(set(d.fact))}
 
 
 @dataclass
@@ -378,15 +249,6 @@ def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torc
     out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in p.items()))
     return RepairResult(out, choice, sorted({f.id for f in choose}), sorted(score_ids))
-
-
-def input_moments_for(model: nn.Module, plan: Plan, calib: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Input second moments of a plan's matrices, computed once per shared input (q/k/v, gate/up)."""
-    from .calibrate import input_moments
-
-    if calib is None:
-        raise ValueError("EoRA needs calibration tokens (its eigenspace comes from calibration inputs)")
-    return input_moments(model, list(plan), calib)
 
 
 def _injection_accuracy(model: nn.Module, qw: QuantizedWeights, prompts: pd.DataFrame, subset: pd.DataFrame,

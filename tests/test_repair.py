@@ -3,13 +3,11 @@ import pytest
 import torch
 
 from qdiag import repair as R
-from qdiag.arch import resolve, weight_matrix
-from qdiag.calibrate import input_moments
+from qdiag.amplify import choose_amplification
 from qdiag.data import Fact
 from qdiag.models import wrap
 from qdiag.plan import avg_bits, uniform_plan
 from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
 from tests.conftest import calib_ids, tiny_model, tiny_tokenizer
 
 SPEC = QuantSpec(4, group_size=32)
@@ -54,29 +52,6 @@ def test_matching_uniform_picks_the_closest_group_size():
     assert spec.group_size == 16 and bits == pytest.approx(5.0)
 
 
-def test_eora_at_full_rank_gives_back_the_full_precision_weights():
-    model = tiny_model("llama")
-    lm = wrap(model, tiny_tokenizer())
-    plan = uniform_plan(lm, QuantSpec(2, group_size=32))
-    qw = quantize_model(lm, plan, progress=False)
-    moments = input_moments(lm, list(plan), calib_ids(8, 16))
-    full = R.eora(lm, qw, moments, rank=10_000)
-    for name in plan:
-        w = weight_matrix(model.get_submodule(name)).float()
-        torch.testing.assert_close(full.tensors[name].dequantize(), w, atol=1e-4, rtol=1e-4)
-    low = R.eora(lm, qw, moments, rank=2)
-    name = next(iter(plan))
-    w = weight_matrix(model.get_submodule(name)).float()
-    x = torch.randn(64, w.shape[1])
-    err_q = ((w - qw.tensors[name].dequantize()) @ x.t()).norm()
-    err_low = ((w - low.tensors[name].dequantize()) @ x.t()).norm()
-    assert err_low < err_q
-    arch = resolve(lm)
-    out, cols = weight_matrix(model.get_submodule(arch.weights[0]["q"])).shape
-    assert R.eora_avg_bits(lm, plan, rank=0) == pytest.approx(avg_bits(lm, plan))
-    assert R.eora_avg_bits(lm, plan, rank=2) > avg_bits(lm, plan)
-
-
 def test_the_split_is_disjoint_and_alpha_is_chosen_on_held_out_facts_only():
     facts = [Fact("P1", f"s{i}", "o", ("[X] is [Y]",)) for i in range(10)]
     choose, score = R.split_facts(facts, seed=3)
@@ -88,26 +63,9 @@ def test_the_split_is_disjoint_and_alpha_is_chosen_on_held_out_facts_only():
         for alpha in (0.0, 9.0):
             rows.append({"fact": f.id, "template": 0, "rule": "fixed", "layer": 1, "alpha": alpha,
                          "correct": (alpha == 0.0) == held})
-    best = R.choose_amplification(pd.DataFrame(rows), [f.id for f in choose])
+    best = choose_amplification(pd.DataFrame(rows), [f.id for f in choose])
     assert best["alpha"] == 0.0 and best["held_out_acc"] == 1
     assert set(best["held_out_facts"]) == {f.id for f in choose}
-
-
-def test_amplification_grid_with_alpha_zero_is_the_plain_model():
-    from qdiag.evaluate import prompt_table, score_prompts
-
-    tok = tiny_tokenizer()
-    lm = wrap(tiny_model("llama"), tok)  # 2 layers: the upper half is layer 1, the last: too few
-    facts = [Fact("P36", "France", "Paris", ("The capital of [X] is [Y]", "[X] 's capital city is [Y]"))]
-    table = prompt_table(facts, tok)
-    with pytest.raises(ValueError, match="too few layers"):
-        R.amplification_grid(lm, table)
-    four = wrap(tiny_model("llama", layers=4), tok)
-    grid = R.amplification_grid(four, table, alphas=(0.0, 3.0))
-    plain = score_prompts(four, tok, table)
-    zero = grid[(grid.alpha == 0) & (grid.rule == "confident")].merge(plain, on=["fact", "template"])
-    assert (zero.correct_x == zero.correct_y).all()
-    assert set(grid.layer) == {2, -1}  # the upper half but the last layer, and the per-prompt rule
 
 
 def test_run_repair_scores_on_facts_it_did_not_choose_on():
