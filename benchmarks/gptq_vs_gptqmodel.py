@@ -21,6 +21,15 @@ import time
 import torch
 
 
+# name: (true_sequential, calibration dtype, description)
+VARIANTS = {
+    "default": (True, None, "true-sequential stages, calibration passes in the model's dtype"),
+    "fast": (False, None, "one stage per layer"),
+    "bf16": (True, torch.bfloat16, "true-sequential, calibration passes in bfloat16 (as GPTQModel on CPU)"),
+    "bf16-fast": (False, torch.bfloat16, "one stage per layer, bfloat16 passes"),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -32,9 +41,10 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=2, help="GPTQModel CPU workers (the machine's cores)")
     ap.add_argument("--skip-gptqmodel", action="store_true")
-    ap.add_argument("--variants", nargs="*", default=["default", "fast"],
-                    help="qdiag settings: default (true-sequential stages) and fast (one stage per layer)")
+    ap.add_argument("--variants", nargs="*", default=["default", "bf16"], choices=sorted(VARIANTS),
+                    help="qdiag settings: " + "; ".join(f"{k}: {v[2]}" for k, v in VARIANTS.items()))
     args = ap.parse_args()
+    os.environ.pop("QDIAG_QUANT_CACHE", None)  # time the quantization, not a cache lookup
 
     from qdiag import data
     from qdiag import evaluate as ev
@@ -57,14 +67,15 @@ def main() -> None:
     for bits in args.bits:
         spec = QuantSpec(bits=bits, group_size=args.group_size, sym=True, method="gptq")
         for variant in args.variants:
+            true_sequential, calib_dtype, _ = VARIANTS[variant]
             t0 = time.perf_counter()
             qw = quantize_model(lm, uniform_plan(lm, spec), calib, batch_size=args.batch_size, progress=False,
-                                true_sequential=variant == "default")
+                                true_sequential=true_sequential, calib_dtype=calib_dtype)
             seconds = time.perf_counter() - t0
             with qw.applied(lm):
                 ppl = ev.perplexity(hf, tokens)
             results[(f"qdiag-{variant}", bits)] = (ppl, seconds)
-            print(f"qdiag-{variant:<8} w{bits}: ppl {ppl:.3f}  quantize {seconds:.1f} s", flush=True)
+            print(f"qdiag-{variant:<9} w{bits}: ppl {ppl:.3f}  quantize {seconds:.1f} s", flush=True)
 
     if not args.skip_gptqmodel:
         import gptqmodel

@@ -8,6 +8,8 @@ Only one decoder layer's activations for the calibration set are held at a time.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -70,6 +72,33 @@ def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int)
     return inputs, calls
 
 
+def _cast(v, dtype: torch.dtype):
+    # floating tensors (hidden states, additive masks, rotary tables) follow the calibration dtype
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.to(dtype)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cast(t, dtype) for t in v)
+    if isinstance(v, dict):
+        return {k: _cast(t, dtype) for k, t in v.items()}
+    return v
+
+
+@contextmanager
+def _layer_dtype(layer: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """Run one decoder layer in ``dtype`` inside the block: its parameters and buffers are cast
+    copies of this layer only, the originals are put back (bit for bit) after it."""
+    saved = []
+    for t in list(layer.parameters()) + list(layer.buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            saved.append((t, t.data))
+            t.data = t.data.to(dtype)
+    try:
+        yield layer
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
 def _run_layer(layer: nn.Module, x: torch.Tensor, call: tuple) -> torch.Tensor:
     args, kwargs = call
     out = layer(x, *args, **kwargs)
@@ -110,16 +139,25 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
 @torch.no_grad()
 def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, damp: float = 0.01,
                         order: str = "group", true_sequential: bool = True, batch_size: int = 8,
-                        progress: bool = True) -> dict[str, QTensor]:
+                        calib_dtype: torch.dtype | None = None, progress: bool = True) -> dict[str, QTensor]:
     """Quantize every planned matrix layer by layer; GPTQ specs use the calibration inputs.
 
     Matrices that read the same input (q, k, v) share one ``H`` and are quantized as one stacked
     matrix, which gives the same codes as one at a time. With ``true_sequential`` each group
     sees the inputs produced by the already-quantized groups before it in the same layer.
+    ``calib_dtype`` (say ``torch.bfloat16``) runs the calibration passes in that dtype, one layer
+    cast at a time, as GPTQModel does on CPU; ``H`` is still summed in float32 and GPTQ still
+    rounds the model's own weights. None runs them in the model's dtype.
     """
     hf = unwrap(model)
     arch = resolve(hf)
     inputs, calls = capture_layer_inputs(hf, calib, batch_size)
+    if calib_dtype is not None:
+        inputs, calls = _cast(inputs, calib_dtype), _cast(calls, calib_dtype)
+
+    def in_calib_dtype(layer: nn.Module):
+        return _layer_dtype(layer, calib_dtype) if calib_dtype is not None else nullcontext()
+
     tensors: dict[str, QTensor] = {}
     layer_bar = tqdm(range(arch.n_layers), desc="quantize layers", disable=not progress, leave=False)
     for li in layer_bar:
@@ -128,18 +166,19 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
         names = {n: n[len(prefix):] for n in arch.linear_names([li]) if n in plan}
         if not names:
             continue
-        groups = _input_groups(layer, names, inputs[0], calls[0][li])
+        with in_calib_dtype(layer):
+            groups = _input_groups(layer, names, inputs[0], calls[0][li])
         stages = groups if true_sequential else [sum(groups, [])]
         for stage in stages:
             # earlier stages of this layer run quantized while this stage's inputs are collected
             done = QuantizedWeights(plan, {n: tensors[n] for n in names if n in tensors})
-            with done.applied(hf, cache=True):
+            with in_calib_dtype(layer), done.applied(hf, cache=True):
                 H = _collect_hessians(layer, stage, names, groups, plan, inputs, [c[li] for c in calls])
             for group in groups:
                 todo = [n for n in group if n in stage]
                 tensors.update(_quantize_group(hf, todo, plan, H.get(group[0]), damp, order))
         # the quantized layer's output is the next layer's input
-        with QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf, cache=True):
+        with in_calib_dtype(layer), QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf, cache=True):
             for b, x in enumerate(inputs):
                 inputs[b] = _run_layer(layer, x, calls[b][li])
     return tensors
@@ -161,9 +200,7 @@ def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str],
     hooks = []
     for lead in leaders:
         def hook(mod, args, lead=lead):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            H[lead] = H[lead] + x.t() @ x if lead in H else x.t() @ x
-            count[lead] += x.shape[0]
+            _accumulate(H, count, lead, args[0])
             if lead == leaders[-1]:
                 raise _Stop
         hooks.append(layer.get_submodule(names[lead]).register_forward_pre_hook(hook))
@@ -177,6 +214,13 @@ def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str],
         for h in hooks:
             h.remove()
     return {k: v / count[k] for k, v in H.items()}
+
+
+def _accumulate(H: dict, count: dict, key: str, x: torch.Tensor) -> None:
+    """Add one batch of a module's inputs to ``H[key] = sum x^T x`` (float32) and its token count."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    H[key] = H[key] + x.t() @ x if key in H else x.t() @ x
+    count[key] += x.shape[0]
 
 
 def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor | None, damp: float,
@@ -217,9 +261,7 @@ def input_moments(model: nn.Module, names: list[str], calib: torch.Tensor,
     hooks = []
     for name in names:
         def hook(mod, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            H[name] = H[name] + x.t() @ x if name in H else x.t() @ x
-            count[name] += x.shape[0]
+            _accumulate(H, count, name, args[0])
 
         hooks.append(hf.get_submodule(name).register_forward_pre_hook(hook))
     device = next(hf.parameters()).device

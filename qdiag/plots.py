@@ -86,6 +86,17 @@ def _configs(rows: pd.DataFrame) -> list[tuple[str, int]]:
     return sorted(map(tuple, seen.to_numpy()), key=lambda mb: (mb[0] != "fp", mb[0], -mb[1]))
 
 
+def _palette(configs: list) -> list:
+    """One colour per quantized width, darker for fewer bits."""
+    return sns.color_palette("rocket_r", max(1, len(configs)))
+
+
+def _panels(n_rows: int, n_cols: int, width: float, height: float, **kw) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of ``n_rows x n_cols`` panels, each ``width x height`` inches, always 2-D."""
+    return plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), constrained_layout=True,
+                        squeeze=False, **kw)
+
+
 def attention_figure(rows: pd.DataFrame, position: str, title: str = "") -> plt.Figure:
     """Heatmaps layer x head: normalized attention entropy of the reference and of each
     configuration (top row, 0 to 1), and the JSD of each configuration's attention from the
@@ -131,7 +142,7 @@ def mlp_figure(rows: pd.DataFrame, position: str, title: str = "", gated: bool =
     labels = {"gate_sfr": f"{gate} sign flip rate", "neuron_jaccard": "top-neuron Jaccard",
               "mlp_cosine": "MLP output cosine"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
-    palette = sns.color_palette("rocket_r", max(1, len(configs)))
+    palette = _palette(configs)
     for c, (m, b) in enumerate(configs):
         frame = d[(d.method == m) & (d.bits == b)].sort_values("layer")
         for ax, key in zip(axes, labels):
@@ -171,7 +182,7 @@ def subspace_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     the k/d level of error spread evenly over all directions."""
     configs = [c for c in _configs(rows) if c[0] != "fp"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
-    palette = sns.color_palette("rocket_r", max(1, len(configs)))
+    palette = _palette(configs)
     for c, (m, b) in enumerate(configs):
         frame = rows[(rows.method == m) & (rows.bits == b)].sort_values("layer")
         axes[0].plot(frame.layer, frame.subspace_sim, "o-", ms=3, color=palette[c], label=_width(m, b))
@@ -228,10 +239,9 @@ def recovery_figure(rows: pd.DataFrame, site: str = "resid", title: str = "") ->
     d = rows[rows.site == site]
     subsets = [s for s in ("failure", "robust") if s in set(d.subset)] or ["all"]
     positions = [p for p in ("last_subject", "last") if p in set(d.position)]
-    fig, axes = plt.subplots(len(subsets), len(positions), figsize=(5.5 * len(positions), 3.4 * len(subsets)),
-                             constrained_layout=True, squeeze=False, sharey=True)
+    fig, axes = _panels(len(subsets), len(positions), 5.5, 3.4, sharey=True)
     configs = [c for c in _configs(d) if c[0] != "fp"]
-    palette = sns.color_palette("rocket_r", max(1, len(configs)))
+    palette = _palette(configs)
     for r, sub in enumerate(subsets):
         for c, pos in enumerate(positions):
             ax = axes[r, c]
@@ -259,10 +269,9 @@ def ablation_figure(rows: pd.DataFrame, subset: str = "all", title: str = "") ->
     d = rows[rows.subset == subset]
     sites = [s for s in ("resid", "attn", "mlp") if s in set(d.site)]
     positions = [p for p in ("last_subject", "last") if p in set(d.position)]
-    fig, axes = plt.subplots(len(positions), len(sites), figsize=(4.4 * len(sites), 3.2 * len(positions)),
-                             constrained_layout=True, squeeze=False, sharey=True)
+    fig, axes = _panels(len(positions), len(sites), 4.4, 3.2, sharey=True)
     configs = [c for c in _configs(d) if c[0] != "fp"]
-    palette = sns.color_palette("rocket_r", max(1, len(configs)))
+    palette = _palette(configs)
     for r, pos in enumerate(positions):
         for c, site in enumerate(sites):
             ax = axes[r, c]
@@ -289,7 +298,7 @@ def injection_figure(rows: pd.DataFrame, cosine: pd.DataFrame, subset: str = "al
     configs = [c for c in _configs(rows) if c[0] != "fp"]
     fig, axes = plt.subplots(1, 1 + len(configs), figsize=(5 + 3.4 * len(configs), 3.8), constrained_layout=True,
                              squeeze=False)
-    palette = sns.color_palette("rocket_r", max(1, len(configs)))
+    palette = _palette(configs)
     ax = axes[0, 0]
     for k, (m, b) in enumerate(configs):
         g = rows[(rows.method == m) & (rows.bits == b) & (rows.subset == subset)].sort_values("start_layer")
@@ -325,7 +334,7 @@ def lens_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     configs = [c for c in _configs(rows) if c[0] != "fp"]
     fig, axes = plt.subplots(2, max(1, len(subsets)), figsize=(6 * max(1, len(subsets)), 7), constrained_layout=True,
                              squeeze=False, sharex=True)
-    palette = sns.color_palette("rocket_r", max(1, len(configs)))
+    palette = _palette(configs)
     for c, sub in enumerate(subsets):
         for k, (m, b) in enumerate(configs):
             for model, style in (("quantized", "-"), ("fp", "--")):

@@ -116,10 +116,12 @@ def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor, **settings) ->
 
 def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, damp: float = 0.01,
                    order: str = "group", true_sequential: bool = True, batch_size: int = 8,
-                   progress: bool = True, cache_dir: str | os.PathLike | None = None) -> QuantizedWeights:
+                   calib_dtype: torch.dtype | None = None, progress: bool = True,
+                   cache_dir: str | os.PathLike | None = None) -> QuantizedWeights:
     """Quantize the weights a plan names; GPTQ specs need ``calib`` token ids (n, seq_len).
 
     The model's own parameters are left untouched; use ``.applied(model)`` to run quantized.
+    ``calib_dtype`` runs GPTQ's calibration passes in another dtype (see ``sequential_quantize``).
     GPTQ results are kept in ``cache_dir`` (default: ``$QDIAG_QUANT_CACHE``, unset means no cache),
     keyed by the weights, plan, calibration tokens and settings, so a rerun loads them instead.
     """
@@ -133,6 +135,8 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
             raise ValueError("GPTQ needs calibration token ids; pass calib=qdiag.data.calibration_tokens(...)")
         cache_dir = cache_dir or os.environ.get("QDIAG_QUANT_CACHE")
         settings = dict(damp=damp, order=order, true_sequential=true_sequential)
+        if calib_dtype is not None:
+            settings["calib_dtype"] = str(calib_dtype)
         path = Path(cache_dir) / f"{_cache_key(model, active, calib, **settings)}.pt" if cache_dir else None
         if path is not None and path.exists():
             cached = load(path)
@@ -141,7 +145,7 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
 
         tensors = sequential_quantize(model, active, calib, damp=damp, order=order,
                                       true_sequential=true_sequential, batch_size=batch_size,
-                                      progress=progress)
+                                      calib_dtype=calib_dtype, progress=progress)
         if path is not None:
             save(QuantizedWeights(active, tensors, time.perf_counter() - t0), path)
     else:

@@ -82,3 +82,20 @@ def test_true_sequential_sees_the_quantized_earlier_stages():
     assert torch.equal(a[first].int_codes(), b[first].int_codes())
     down = "model.layers.0.mlp.down_proj"
     assert not torch.equal(a[down].int_codes(), b[down].int_codes())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_calibration_leaves_the_weights_and_still_beats_rtn(family):
+    model = tiny_model(family)
+    ids = calib_ids(n=8, length=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp = model(ids).logits
+    err = {}
+    for method, dtype in (("rtn", None), ("gptq", torch.bfloat16)):
+        plan = uniform_plan(model, QuantSpec(bits=3, group_size=16, method=method))
+        qw = quantize_model(model, plan, ids, calib_dtype=dtype, progress=False)
+        with qw.applied(model):
+            err[method] = (model(ids).logits - fp).pow(2).mean().item()
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert err["gptq"] < err["rtn"]
