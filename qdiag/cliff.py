@@ -3,7 +3,6 @@ quantizers (analysis 1 of the paper), as one tidy table."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 from . import evaluate as ev
 from .arch import resolve
 from .data import Fact
-from .io import atomic_write_bytes, write_csv, write_json
+from .io import records, save_analysis, write_csv
 from .plan import avg_bits, check_specs, uniform_plan
 from .quantize import FULL_PRECISION, QuantSpec, parse_bits
 from .swap import quantize_model
@@ -93,15 +92,9 @@ def save_cliff(res: CliffResult, out: str | Path, meta: dict, title: str = "") -
     ``cliff.png`` to ``out``; each file is written whole or not at all."""
     from .plots import cliff_figure
 
-    out = Path(out)
-    fig = cliff_figure(res.rows, title=title)
-    png = io.BytesIO()
-    fig.savefig(png, dpi=120)
-    write_json(out / "cliff.json", {"meta": meta, "rows": res.rows.to_dict("records"),
-                                    "generations": res.generations.to_dict("records")})
-    write_csv(out / "cliff.csv", res.rows)
-    write_csv(out / "cliff_prompts.csv", res.prompts)
-    atomic_write_bytes(out / "cliff.png", png.getvalue())
+    save_analysis(out, "cliff", meta, res.rows, extra={"generations": records(res.generations)},
+                  figures={"cliff": cliff_figure(res.rows, title=title)})
+    write_csv(Path(out) / "cliff_prompts.csv", res.prompts)
 
 
 # The paper's words, as numbers: a "rank drop" keeps the answer in the top 5, a "rank collapse"

@@ -68,7 +68,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     group_of = (perm if perm is not None else torch.arange(cols, device=W.device))
-    group_of = torch.zeros_like(group_of) if gs is None else group_of // gs
+    group_of = [0] * cols if gs is None else (group_of // gs).tolist()  # a list: no tensor indexing per column
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -81,20 +81,21 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        d = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % gs == 0:
                 # the group's current (already error-corrected) columns
                 window = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :gs]
-                g_new = int(group_of[col])  # visiting order keeps groups contiguous
+                g_new = group_of[col]  # visiting order keeps groups contiguous
                 scale[:, g_new], zero[:, g_new] = minmax_params(window, spec.bits, spec.sym)
-            g = int(group_of[col])
+            g = group_of[col]
             if g != g_cur:
                 s, z, g_cur = scale[:, g], zero[:, g], g
             w_col = W1[:, i]
             q = quantize(w_col, s, z, maxq)
             Q1[:, i] = q
-            err = (w_col - dequantize(q, s, z)) / Hinv1[i, i]
+            err = (w_col - dequantize(q, s, z)) / d[i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         Q[:, i1:i2] = Q1

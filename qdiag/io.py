@@ -56,13 +56,17 @@ def records(df: pd.DataFrame) -> list[dict]:
 def save_analysis(out: str | os.PathLike, name: str, meta: dict, rows: pd.DataFrame, extra: dict | None = None,
                   figures: dict | None = None) -> None:
     """Write ``name.json`` (meta, rows, extra keys), ``name.csv`` (the rows) and one PNG per figure
-    (``{file stem: Figure}``); every figure is rendered before anything is written."""
+    (``{file stem: Figure}``); every figure is rendered before anything is written, then closed
+    (a notebook draws its own; a script that saves many analyses would otherwise keep them all)."""
     import io as _io
+
+    import matplotlib.pyplot as plt
 
     pngs = {}
     for stem, fig in (figures or {}).items():
         buf = _io.BytesIO()
         fig.savefig(buf, dpi=120)
+        plt.close(fig)
         pngs[stem] = buf.getvalue()
     out = Path(out)
     write_json(out / f"{name}.json", {"meta": meta, "rows": records(rows), **(extra or {})})

@@ -1,0 +1,56 @@
+"""Every command end to end on a CUDA GPU, in float32 and bfloat16 (skipped where there is none).
+
+Device and dtype mistakes do not depend on model size, so a tiny model that knows its facts will
+find them; run ``python -m pytest -m gpu`` on a machine with a GPU (``QDIAG_TEST_DEVICE=cpu``
+runs the same tests on the CPU, to check the tests themselves).
+"""
+
+import json
+import math
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from qdiag.cli import main
+from tests.test_cli import knowing
+
+DEVICE = os.environ.get("QDIAG_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU")]
+
+COMMON = ["--method", "gptq", "--group-size", "32", "--facts", "20", "--ppl-tokens", "200", "--ppl-window", "50",
+          "--calib-samples", "4", "--calib-len", "16", "--device", DEVICE, "--quiet"]
+COMMANDS = {
+    "cliff": (["--bits", "16,4,2"], "cliff.json"),
+    "trace": (["--bits", "16,2"], "logit_lens.json"),
+    "patch": (["--bits", "2"], "patching.json"),
+    "components": (["--bits", "16,2"], "components.json"),
+    "representations": (["--bits", "16,2", "--k", "8"], "representations.json"),
+    "sensitivity": (["--bits", "3"], "sensitivity.json"),
+    "repair": (["--bits", "3", "--protect-k", "1", "--eora-ranks", "4"], "repair.json"),
+}
+
+
+@pytest.fixture(scope="module")
+def knowing_model(tmp_path_factory):
+    return knowing(tmp_path_factory.mktemp("gpu"), layers=4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_runs_on_the_gpu(knowing_model, tmp_path, command, dtype):
+    model, data = knowing_model
+    extra, name = COMMANDS[command]
+    out = tmp_path / "out"
+    args = [command, "--model", model, "--data", str(data), "--dtype", dtype, *COMMON, *extra, "--out", str(out)]
+    assert main(args) == 0
+    rows = pd.DataFrame(json.loads((out / name).read_text())["rows"])
+    assert len(rows)
+    numbers = rows.select_dtypes("number")
+    assert not numbers.isin([math.inf, -math.inf]).any().any()
+    if command in ("components", "representations"):  # the model against itself: identity values
+        self = rows[rows.bits == 16]
+        col = "mlp_cosine" if command == "components" else "subspace_sim"
+        assert self[col].dropna().to_numpy() == pytest.approx(1, abs=1e-2)
