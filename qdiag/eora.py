@@ -29,7 +29,8 @@ class LowRank:
     A: torch.Tensor  # (r, in)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.base.dequantize(torch.float32) + self.B.float() @ self.A.float()).to(dtype)
+        base = self.base.dequantize(torch.float32)
+        return (base + (self.B.float() @ self.A.float()).to(base.device)).to(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -58,16 +59,17 @@ def eora(model: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tensor
         raise ValueError(f"rank must be at least 1, got {rank}")
     hf = unwrap(model)
     tensors = dict(qw.tensors)
-    eigs: dict[bytes, tuple] = {}  # q/k/v (and gate/up) read the same input: one eigh for each input
+    # q/k/v (and gate/up) read the same input and come one after another: one eigh for each input
+    last_key, eig = None, None
     for name, q in qw.tensors.items():
         if name not in moments:
             continue
+        w = weight_matrix(hf.get_submodule(name)).detach().float()
         H = moments[name]
-        key = hashlib.blake2b(H.contiguous().numpy().tobytes(), digest_size=16).digest()
-        if key not in eigs:
-            eigs[key] = torch.linalg.eigh(H.double())
-        w = weight_matrix(hf.get_submodule(name)).detach().float().cpu()
-        B, A = eora_factors(w - q.dequantize(torch.float32).cpu(), H, rank, eig=eigs[key])
+        key = hashlib.blake2b(H.cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+        if key != last_key:
+            last_key, eig = key, torch.linalg.eigh(H.to(w.device).double())
+        B, A = eora_factors(w - q.dequantize(torch.float32).to(w.device), H.to(w.device), rank, eig=eig)
         tensors[name] = LowRank(q, B, A)
     return QuantizedWeights(qw.plan, tensors, qw.seconds)
 

@@ -110,7 +110,8 @@ class Rerun:
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers]
         try:
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            device = next(self.hf.parameters()).device
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
             with torch.no_grad():
                 self.logits = self.hf(**inputs, use_cache=False).logits[:, -1].float()
         finally:
