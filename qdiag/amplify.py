@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .arch import resolve, unwrap
+from .arch import resolve
 
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
 
@@ -44,8 +44,7 @@ def amplification_grid(model: nn.Module, table: pd.DataFrame, alphas: Sequence[f
         batch = P.encode(model.tokenizer, chunk.prompt.tolist())
         last = torch.full((len(chunk), 1), batch["input_ids"].shape[1] - 1)
         resid = collect(model, batch, ("resid",), layers=upper + [n - 1], arch=arch, tokens=last)["resid"]
-        dtype = next(unwrap(model).parameters()).dtype
-        logits = torch.stack([project(model, h[:, 0].to(dtype), arch=arch) for h in resid], 1).cpu()  # (B, U+1, V)
+        logits = torch.stack([project(model, h[:, 0], arch=arch) for h in resid], 1).cpu()  # (B, U+1, V)
         final, lens = logits[:, -1], logits[:, :-1]
         answer = torch.tensor(chunk.answer_id.to_numpy())
         confident = torch.softmax(lens, -1).amax(-1).argmax(1)  # (B,) index into upper

@@ -29,9 +29,12 @@ from .trace import collect
 
 
 def project(model: nn.Module, hidden: torch.Tensor, final_norm: bool = True, arch: Arch | None = None) -> torch.Tensor:
-    """Logits of ``hidden (..., d_model)`` as if it were the last layer's output: ``(..., vocab)``."""
+    """Logits of ``hidden (..., d_model)`` as if it were the last layer's output: ``(..., vocab)``,
+    on the unembedding's device (``hidden`` is moved there, in the model's dtype)."""
     hf = unwrap(model)
     arch = arch or resolve(hf)
+    w = hf.get_submodule(arch.unembed).weight
+    hidden = hidden.to(w.device, w.dtype)
     h = hf.get_submodule(arch.final_norm)(hidden) if final_norm else hidden
     logits = hf.get_submodule(arch.unembed)(h).float()
     cap = getattr(getattr(hf.config, "text_config", None) or hf.config, "final_logit_softcapping", None)
