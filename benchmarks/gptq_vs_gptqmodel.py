@@ -20,7 +20,6 @@ import time
 
 import torch
 
-
 # name: (true_sequential, calibration dtype, description)
 VARIANTS = {
     "default": (True, None, "true-sequential stages, calibration passes in the model's dtype"),

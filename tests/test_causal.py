@@ -24,7 +24,8 @@ def known_facts(model, tok):
     for s in SUBJECTS:
         for j, t in enumerate(TEMPLATES):
             prompt = t.replace("[X]", s)[: -len(" [Y]")]
-            top = model(**encode_prompts(tok, [prompt])).logits[0, -1].argmax().item()
+            batch = encode_prompts(tok, [prompt], device=next(model.parameters()).device)
+            top = model(**batch).logits[0, -1].argmax().item()
             word = tok.convert_ids_to_tokens(top)
             if word and word.isalpha():
                 facts.append(Fact(f"T{j}", s, word, (t,)))  # one relation per template: unique fact ids
