@@ -9,6 +9,7 @@ stored at 16 bits and counted in the average bits. At full rank ``Q + B A = W``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,36 +43,71 @@ def eora_factors(error: torch.Tensor, H: torch.Tensor, rank: int, eps: float = 1
     """``B (out, r)``, ``A (r, in)`` with ``B A`` the best rank-r fit of ``error (out, in)`` in the
     norm weighted by the input second moment ``H = X^T X / n``; full rank returns ``error``.
     ``eig``: ``torch.linalg.eigh(H.double())`` when already computed (matrices sharing an input)."""
+    B, A = _weighted_svd(error, H, eps, eig)
+    r = min(rank, B.shape[1])
+    return B[:, :r].float(), A[:r].float()
+
+
+def _weighted_svd(error: torch.Tensor, H: torch.Tensor, eps: float = 1e-6,
+                  eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # every rank's factors at once, best first: rank r is B[:, :r], A[:r]
     evals, U = eig if eig is not None else torch.linalg.eigh(H.double())
     evals = evals.clamp_min(eps * float(evals.max().clamp_min(eps)))
     s = evals.sqrt()
     projected = error.double() @ U * s  # E U L^1/2
     Uu, S, Vh = torch.linalg.svd(projected, full_matrices=False)
-    r = min(rank, S.numel())
-    B = Uu[:, :r] * S[:r]
-    A = (Vh[:r] / s) @ U.t()  # V^T L^-1/2 U^T
-    return B.float(), A.float()
+    return Uu * S, (Vh / s) @ U.t()  # V^T L^-1/2 U^T
 
 
-def eora(model: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tensor], rank: int) -> QuantizedWeights:
-    """``qw`` with every matrix that has an input moment corrected by a rank-``rank`` EoRA term."""
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
+def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ranks: Sequence[int],
+         batch_size: int = 8, budget_bytes: int | None = None) -> dict[int, QuantizedWeights]:
+    """``qw`` with every quantized decoder matrix corrected by a rank-r EoRA term, for each r in ``ranks``.
+
+    The input second moments come from ``calib`` a few layers at a time, so that at most
+    ``budget_bytes`` of them are held (default: a quarter of the model's weight bytes, at least
+    1 GiB); each group of layers costs one calibration pass. One SVD per matrix serves every rank.
+    """
+    from .calibrate import input_moments
+
+    if calib is None or calib.numel() == 0:
+        raise ValueError("EoRA needs calibration tokens (its eigenspace comes from calibration inputs)")
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"ranks must be at least 1, got {list(ranks)}")
     hf = unwrap(model)
-    tensors = dict(qw.tensors)
+    arch = resolve(hf)
+    if budget_bytes is None:
+        budget_bytes = max(sum(p.numel() * p.element_size() for p in hf.parameters()) // 4, 2**30)
+    corrected: dict[int, dict] = {r: dict(qw.tensors) for r in ranks}
+    chunk: list[str] = []
+    held = 0
+    for layer in range(arch.n_layers):
+        names = [n for n in arch.linear_names([layer]) if isinstance(qw.tensors.get(n), QTensor)]
+        size = sum(weight_matrix(hf.get_submodule(n)).shape[1] ** 2 * 4 for n in names)
+        if chunk and held + size > budget_bytes:
+            _correct(hf, qw, input_moments(model, chunk, calib, batch_size), ranks, corrected)
+            chunk, held = [], 0
+        chunk += names
+        held += size
+    if chunk:
+        _correct(hf, qw, input_moments(model, chunk, calib, batch_size), ranks, corrected)
+    return {r: QuantizedWeights(qw.plan, corrected[r], qw.seconds) for r in ranks}
+
+
+def _correct(hf: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tensor], ranks: Sequence[int],
+             corrected: dict[int, dict]) -> None:
     # q/k/v (and gate/up) read the same input and come one after another: one eigh for each input
     last_key, eig = None, None
-    for name, q in qw.tensors.items():
-        if name not in moments:
-            continue
+    for name, H in moments.items():
         w = weight_matrix(hf.get_submodule(name)).detach().float()
-        H = moments[name]
-        key = hashlib.blake2b(H.cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+        key = hashlib.blake2b(H.contiguous().numpy().tobytes(), digest_size=16).digest()
+        H = H.to(w.device)
         if key != last_key:
-            last_key, eig = key, torch.linalg.eigh(H.to(w.device).double())
-        B, A = eora_factors(w - q.dequantize(torch.float32).to(w.device), H.to(w.device), rank, eig=eig)
-        tensors[name] = LowRank(q, B, A)
-    return QuantizedWeights(qw.plan, tensors, qw.seconds)
+            last_key, eig = key, torch.linalg.eigh(H.double())
+        q = qw.tensors[name]
+        B, A = _weighted_svd(w - q.dequantize(torch.float32).to(w.device), H, eig=eig)
+        for r in ranks:
+            k = min(r, B.shape[1])
+            corrected[r][name] = LowRank(q, B[:, :k].float().contiguous(), A[:k].float().contiguous())
 
 
 def eora_avg_bits(model: nn.Module, plan: Plan, rank: int, arch: Arch | None = None) -> float:
@@ -86,12 +122,3 @@ def eora_avg_bits(model: nn.Module, plan: Plan, rank: int, arch: Arch | None = N
         total_bits += bits_per_weight(spec, cols) * out * cols + extra
         total += out * cols
     return total_bits / total
-
-
-def input_moments_for(model: nn.Module, plan: Plan, calib: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Input second moments of a plan's matrices, computed once per shared input (q/k/v, gate/up)."""
-    from .calibrate import input_moments
-
-    if calib is None:
-        raise ValueError("EoRA needs calibration tokens (its eigenspace comes from calibration inputs)")
-    return input_moments(model, list(plan), calib)

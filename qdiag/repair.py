@@ -25,7 +25,7 @@ from torch import nn
 from .amplify import ALPHAS, amplification_grid, choose_amplification
 from .arch import Arch, resolve, unwrap, weight_matrix
 from .data import Fact
-from .eora import eora, eora_avg_bits, input_moments_for
+from .eora import eora, eora_avg_bits
 from .plan import Plan, avg_bits, uniform_plan
 from .quantize import QuantSpec
 from .swap import QuantizedWeights
@@ -218,14 +218,14 @@ def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torc
         kt = kurtosis_table(model, arch)
         configs += [("protect_kurtosis", {"threshold": t, "granularity": granularity},
                      protect_kurtosis(model, spec, t, granularity, table=kt, arch=arch)) for t in kurtosis_thresholds]
-    moments = input_moments_for(model, plain_plan, calib) if eora_ranks else {}
+    corrected = eora(model, plain, calib, eora_ranks) if eora_ranks else {}
     configs += [("eora", {"rank": r}, r) for r in eora_ranks]
     rows = []
     for name, params, what in tqdm(configs, desc=f"repairs {spec.method} {spec.bits}-bit", disable=not progress):
         if name == "none":
             qw, bits = plain, avg_bits(model, plain_plan, arch)
         elif name == "eora":
-            qw, bits = eora(model, plain, moments, what), eora_avg_bits(model, plain_plan, what, arch)
+            qw, bits = corrected[what], eora_avg_bits(model, plain_plan, what, arch)
         else:
             qw, bits = _overrides(model, plain, what), avg_bits(model, what, arch)
         rows.append({"repair": name, "params": params, "avg_bits": bits, **evaluate(qw), **baseline(bits)})
