@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--only", nargs="*", default=None, help="analyses whose names start with these words")
     ap.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
     args = ap.parse_args()
 
@@ -83,6 +84,8 @@ def main() -> None:
     table = []
     print(f"{'analysis':<40} {'seconds':>8} {'peak / weights':>15}")
     for name, fn in runs.items():
+        if args.only and not any(name.startswith(w) for w in args.only):
+            continue
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
