@@ -64,6 +64,16 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: s
     return time.perf_counter() - t0
 
 
+def glue_figure(name: str, fig) -> None:
+    """Glue a figure for a ``{glue:figure}`` directive, then close it, so that it is not shown a
+    second time under the cell that drew it."""
+    import matplotlib.pyplot as plt
+    from myst_nb import glue
+
+    glue(name, fig, display=False)
+    plt.close(fig)
+
+
 def glue_findings(found: dict, prefix: str = "") -> None:
     """Glue a chapter's findings for its prose (``{glue:text}`prefix+key```): claims as yes / no,
     claims that could not be tested (an empty subset) as n/a, numbers as they are."""
