@@ -20,12 +20,13 @@ import time
 
 import torch
 
-# name: (true_sequential, calibration dtype, description)
+# name: (true_sequential, calibration dtype, dampening, description)
 VARIANTS = {
-    "default": (True, None, "true-sequential stages, calibration passes in the model's dtype"),
-    "fast": (False, None, "one stage per layer"),
-    "bf16": (True, torch.bfloat16, "true-sequential, calibration passes in bfloat16 (as GPTQModel on CPU)"),
-    "bf16-fast": (False, torch.bfloat16, "one stage per layer, bfloat16 passes"),
+    "default": (True, None, 0.01, "true-sequential stages, calibration passes in the model's dtype"),
+    "fast": (False, None, 0.01, "one stage per layer"),
+    "bf16": (True, torch.bfloat16, 0.01, "true-sequential, calibration passes in bfloat16 (as GPTQModel on CPU)"),
+    "bf16-fast": (False, torch.bfloat16, 0.01, "one stage per layer, bfloat16 passes"),
+    "bf16-damp05": (True, torch.bfloat16, 0.05, "as bf16, with GPTQModel's dampening (0.05 instead of 0.01)"),
 }
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="GPTQModel CPU workers (the machine's cores)")
     ap.add_argument("--skip-gptqmodel", action="store_true")
     ap.add_argument("--variants", nargs="*", default=["default", "bf16"], choices=sorted(VARIANTS),
-                    help="qdiag settings: " + "; ".join(f"{k}: {v[2]}" for k, v in VARIANTS.items()))
+                    help="qdiag settings: " + "; ".join(f"{k}: {v[3]}" for k, v in VARIANTS.items()))
     args = ap.parse_args()
     os.environ.pop("QDIAG_QUANT_CACHE", None)  # time the quantization, not a cache lookup
 
@@ -66,10 +67,10 @@ def main() -> None:
     for bits in args.bits:
         spec = QuantSpec(bits=bits, group_size=args.group_size, sym=True, method="gptq")
         for variant in args.variants:
-            true_sequential, calib_dtype, _ = VARIANTS[variant]
+            true_sequential, calib_dtype, damp, _ = VARIANTS[variant]
             t0 = time.perf_counter()
             qw = quantize_model(lm, uniform_plan(lm, spec), calib, batch_size=args.batch_size, progress=False,
-                                true_sequential=true_sequential, calib_dtype=calib_dtype)
+                                true_sequential=true_sequential, calib_dtype=calib_dtype, damp=damp)
             seconds = time.perf_counter() - t0
             with qw.applied(lm):
                 ppl = ev.perplexity(hf, tokens)
