@@ -289,12 +289,13 @@ def save_repair(res: RepairResult, out, meta: dict, title: str = "") -> None:
 
 def findings(rows: pd.DataFrame, bits: int) -> dict:
     """One width's repair results for the prose, keyed ``w<bits>_<name>``: which repairs beat uniform
-    quantization at the closest bits, the best Failure accuracy and by which repair, and whether
-    any repair gets a tenth of the Failure prompts back ("repairable" in the paper's loose sense)."""
+    quantization at the closest bits, the best Failure accuracy of a deployable repair and which,
+    whether any gets a tenth of the Failure prompts back ("repairable" in the paper's loose sense),
+    and, apart, clean-signal injection's (not deployable: it needs the reference model)."""
     d = rows[rows.bits == bits]
     key = f"w{bits}"
     named = d.repair + d.params.map(lambda p: f" ({p})" if p else "")
-    tried = d[~d.repair.isin(["none"])]
+    tried = d[~d.repair.isin(["none", "inject"])]
     out: dict = {f"{key}_n_failure": int(d.n_failure.iloc[0]), f"{key}_n_robust": int(d.n_robust.iloc[0])}
     beats = named[d.beats_uniform.eq(True)].tolist()
     out[f"{key}_beats"] = ", ".join(beats) if beats else "none"
@@ -305,4 +306,6 @@ def findings(rows: pd.DataFrame, bits: int) -> dict:
         out[f"{key}_best_failure_acc"] = float(best.failure_acc)
         out[f"{key}_best_repair"] = f"{best.repair} ({best.params})"
         out[f"{key}_any_repairs"] = bool(best.failure_acc >= 0.1)
+    inject = d[d.repair == "inject"]
+    out[f"{key}_inject_acc"] = float(inject.failure_acc.iloc[0]) if len(inject) else float("nan")
     return out

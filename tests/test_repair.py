@@ -89,3 +89,14 @@ def test_run_repair_scores_on_facts_it_did_not_choose_on():
     assert rows.loc["none", "failure_acc"] == rows.loc["none", "baseline_failure_acc"] == 0
     assert rows.loc["none", "robust_acc"] == 1
     assert rows.loc["none", "beats_uniform"] is None and rows.loc["eora", "beats_uniform"] in (True, False)
+
+
+def test_findings_leave_injection_out_of_the_deployable_repairs():
+    rows = pd.DataFrame({"bits": 4, "repair": ["none", "protect_first", "eora", "inject"],
+                         "params": ["", "k=2", "rank=16", "layer=15"], "failure_acc": [0.0, 0.05, 0.0, 0.4],
+                         "n_failure": 20, "n_robust": 4, "beats_uniform": [None, True, False, None]})
+    found = R.findings(rows, 4)
+    assert found["w4_best_repair"] == "protect_first (k=2)" and found["w4_best_failure_acc"] == 0.05
+    assert found["w4_any_repairs"] is False  # injection's 0.4 needs the reference: not a repair
+    assert found["w4_inject_acc"] == 0.4
+    assert found["w4_beats"] == "protect_first (k=2)" and found["w4_does_not_beat"] == "eora (rank=16)"
