@@ -84,6 +84,7 @@ def main() -> None:
         from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
         with tempfile.TemporaryDirectory() as tmp:
+            os.chdir(tmp)  # GPTQModel writes a logs/ folder into the working directory
             ref_dir = os.path.join(tmp, "reference")
             save_reference(hf, tok, ref_dir)
             rows = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in calib.tolist()]

@@ -136,6 +136,64 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+class _Replay:
+    """Skip recomputing what a layer's later passes already know.
+
+    In true-sequential order, once the attention's output matrix (o) has been calibrated its input
+    no longer changes, so later passes over the layer need not recompute the attention: the block
+    returns ``o(kept input)``; the same for the MLP and its down matrix in the output pass. The first
+    batch of every skipped block runs for real and must give exactly the kept result, else the
+    block is never skipped (a family whose block does more after its last matrix).
+    """
+
+    def __init__(self, hf: nn.Module, arch, li: int) -> None:
+        self.hf = hf
+        self.blocks = {arch.weights[li][t]: hf.get_submodule(path)
+                       for t, path in (("o", arch.attn[li]), ("down", arch.mlp[li])) if t in arch.weights[li]}
+        self.kept: dict[str, list] = {}
+        self.batch = 0
+        self._ok: dict[str, bool | None] = {}
+        self._len: dict[str, int | None] = {}  # the block's tuple length (None: a bare tensor)
+
+    def keep(self, name: str, x: torch.Tensor) -> None:
+        if name in self.blocks:
+            self.kept.setdefault(name, []).append(x)
+
+    @contextmanager
+    def skipping(self, n_batches: int) -> Iterator[None]:
+        installed = []
+        for name, xs in self.kept.items():
+            if len(xs) != n_batches or self._ok.get(name) is False:
+                continue
+            block, last = self.blocks[name], self.hf.get_submodule(name)
+            installed.append((block, block.__dict__.get("forward")))
+            block.forward = self._forward(name, block.forward, last, xs)
+        try:
+            yield
+        finally:
+            for block, fwd in installed:
+                if fwd is None:
+                    del block.forward
+                else:
+                    block.forward = fwd
+
+    def _forward(self, name: str, original, last: nn.Module, xs: list):
+        def forward(*args, **kwargs):
+            mine = last(xs[self.batch])
+            if self._ok.get(name) is None:
+                real = original(*args, **kwargs)
+                first = real[0] if isinstance(real, tuple) else real
+                self._ok[name] = torch.equal(first, mine)
+                self._len[name] = len(real) if isinstance(real, tuple) else None
+                return real
+            if not self._ok[name]:
+                return original(*args, **kwargs)
+            n = self._len[name]
+            return mine if n is None else (mine,) + (None,) * (n - 1)
+
+        return forward
+
+
 @torch.no_grad()
 def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, damp: float = 0.01,
                         order: str = "group", true_sequential: bool = True, batch_size: int = 8,
@@ -169,28 +227,33 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
         with in_calib_dtype(layer):
             groups = _input_groups(layer, names, inputs[0], calls[0][li])
         stages = groups if true_sequential else [sum(groups, [])]
+        replay = _Replay(hf, arch, li) if true_sequential else None
         for stage in stages:
             # earlier stages of this layer run quantized while this stage's inputs are collected
             done = QuantizedWeights(plan, {n: tensors[n] for n in names if n in tensors})
             with in_calib_dtype(layer), done.applied(hf, cache=True):
-                H = _collect_hessians(layer, stage, names, groups, plan, inputs, [c[li] for c in calls])
+                H = _collect_hessians(layer, stage, names, groups, plan, inputs, [c[li] for c in calls], replay)
             for group in groups:
                 todo = [n for n in group if n in stage]
                 tensors.update(_quantize_group(hf, todo, plan, H.get(group[0]), damp, order))
         # the quantized layer's output is the next layer's input
-        with in_calib_dtype(layer), QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf, cache=True):
+        with in_calib_dtype(layer), QuantizedWeights(plan, {n: tensors[n] for n in names}).applied(hf, cache=True), \
+                replay.skipping(len(inputs)) if replay else nullcontext():
             for b, x in enumerate(inputs):
+                if replay:
+                    replay.batch = b
                 inputs[b] = _run_layer(layer, x, calls[b][li])
     return tensors
 
 
 def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str], groups: list[list[str]],
-                      plan: Plan, inputs: list, calls: list) -> dict[str, torch.Tensor]:
+                      plan: Plan, inputs: list, calls: list, replay: _Replay | None = None) -> dict[str, torch.Tensor]:
     """Sum of ``x^T x`` over calibration tokens, divided by the token count, keyed by the first
     module of each input group that has a GPTQ spec in ``stage``.
 
     The layer's forward stops as soon as the last of those modules has seen its input: the
     first stage (q, k, v) then costs only the input norm, and no stage runs the down projection.
+    With ``replay``, the stage's inputs are kept (they are final) and blocks already kept are skipped.
     """
     leaders = [g[0] for g in groups if any(n in stage and plan[n].method == "gptq" for n in g)]
     if not leaders:
@@ -201,15 +264,20 @@ def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str],
     for lead in leaders:
         def hook(mod, args, lead=lead):
             _accumulate(H, count, lead, args[0])
+            if replay is not None:
+                replay.keep(lead, args[0])
             if lead == leaders[-1]:
                 raise _Stop
         hooks.append(layer.get_submodule(names[lead]).register_forward_pre_hook(hook))
     try:
-        for x, call in zip(inputs, calls):
-            try:
-                _run_layer(layer, x, call)
-            except _Stop:
-                pass
+        with replay.skipping(len(inputs)) if replay is not None else nullcontext():
+            for b, (x, call) in enumerate(zip(inputs, calls)):
+                if replay is not None:
+                    replay.batch = b
+                try:
+                    _run_layer(layer, x, call)
+                except _Stop:
+                    pass
     finally:
         for h in hooks:
             h.remove()
@@ -219,8 +287,20 @@ def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str],
 def _accumulate(H: dict, count: dict, key: str, x: torch.Tensor) -> None:
     """Add one batch of a module's inputs to ``H[key] = sum x^T x`` (float32) and its token count."""
     x = x.reshape(-1, x.shape[-1]).float()
-    H[key] = H[key] + x.t() @ x if key in H else x.t() @ x
+    xx = _gram(x)
+    H[key] = H[key] + xx if key in H else xx
     count[key] += x.shape[0]
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` for ``x (n, d)``; for wide ``x`` from three of its four column blocks (it is
+    symmetric), a quarter fewer multiplications than one product."""
+    d = x.shape[1]
+    if d < 512:
+        return x.t() @ x
+    a, b = x[:, : d // 2], x[:, d // 2 :]
+    ab = a.t() @ b
+    return torch.cat((torch.cat((a.t() @ a, ab), 1), torch.cat((ab.t(), b.t() @ b), 1)), 0)
 
 
 def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor | None, damp: float,

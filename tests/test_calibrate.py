@@ -99,3 +99,40 @@ def test_bfloat16_calibration_leaves_the_weights_and_still_beats_rtn(family):
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     assert err["gptq"] < err["rtn"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replaying_kept_block_inputs_changes_no_code(family, monkeypatch):
+    # later passes over a layer skip the attention (and, in the output pass, the MLP) once their
+    # last matrix's inputs are final: the codes must equal those of recomputing everything
+    from qdiag import calibrate as C
+
+    model = tiny_model(family)
+    ids = calib_ids(n=8, length=32)
+    plan = uniform_plan(model, QuantSpec(bits=3, group_size=16, method="gptq"))
+    seen = []
+
+    class Recorded(C._Replay):
+        def __init__(self, *a):
+            super().__init__(*a)
+            seen.append(self)
+
+    monkeypatch.setattr(C, "_Replay", Recorded)
+    replayed = sequential_quantize(model, plan, ids, batch_size=2, progress=False)
+    assert all(ok for r in seen for ok in r._ok.values()) and sum(len(r._ok) for r in seen) == 4  # 2 layers x 2
+
+    class Off(C._Replay):
+        def keep(self, name, x):
+            pass
+
+    monkeypatch.setattr(C, "_Replay", Off)
+    plain = sequential_quantize(model, plan, ids, batch_size=2, progress=False)
+    assert all(torch.equal(replayed[n].int_codes(), plain[n].int_codes()) for n in plan)
+
+
+@pytest.mark.parametrize("d", [7, 576, 1537])
+def test_the_blocked_gram_matrix_is_x_transpose_x(d):
+    from qdiag.calibrate import _gram
+
+    x = torch.randn(300, d, dtype=torch.float64)
+    torch.testing.assert_close(_gram(x), x.t() @ x)
