@@ -83,6 +83,7 @@ def main() -> None:
         gptqmodel._default_cpu_workers = lambda: args.workers  # before it builds its pool
         from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
+        cwd = os.getcwd()
         with tempfile.TemporaryDirectory() as tmp:
             os.chdir(tmp)  # GPTQModel writes a logs/ folder into the working directory
             ref_dir = os.path.join(tmp, "reference")
@@ -104,6 +105,7 @@ def main() -> None:
                       f"(damp {cfg.damp_percent}, act_group_aware {cfg.act_group_aware}, "
                       f"true_sequential {cfg.true_sequential})", flush=True)
                 del qmodel
+            os.chdir(cwd)
 
         if not args.variants:
             return

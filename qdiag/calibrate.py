@@ -72,15 +72,20 @@ def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int)
     return inputs, calls
 
 
+def _map_tensors(v, fn):
+    """``fn`` applied to every tensor inside nested tuples, lists and dicts (call arguments)."""
+    if isinstance(v, torch.Tensor):
+        return fn(v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_map_tensors(t, fn) for t in v)
+    if isinstance(v, dict):
+        return {k: _map_tensors(t, fn) for k, t in v.items()}
+    return v
+
+
 def _cast(v, dtype: torch.dtype):
     # floating tensors (hidden states, additive masks, rotary tables) follow the calibration dtype
-    if isinstance(v, torch.Tensor) and v.is_floating_point():
-        return v.to(dtype)
-    if isinstance(v, (tuple, list)):
-        return type(v)(_cast(t, dtype) for t in v)
-    if isinstance(v, dict):
-        return {k: _cast(t, dtype) for k, t in v.items()}
-    return v
+    return _map_tensors(v, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 @contextmanager
@@ -126,14 +131,7 @@ def _input_groups(layer: nn.Module, names: dict[str, str], x: torch.Tensor, call
 
 def _slice_kwargs(kwargs: dict, n: int) -> dict:
     # masks and other per-row tensors follow the batch; rotary tables (batch 1) do not need slicing
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
-            return v[:n]
-        if isinstance(v, tuple):
-            return tuple(cut(t) for t in v)
-        return v
-
-    return {k: cut(v) for k, v in kwargs.items()}
+    return _map_tensors(kwargs, lambda t: t[:n] if t.dim() > 0 and t.shape[0] > n else t)
 
 
 class _Replay:

@@ -33,10 +33,10 @@ def project(model: nn.Module, hidden: torch.Tensor, final_norm: bool = True, arc
     on the unembedding's device (``hidden`` is moved there, in the model's dtype)."""
     hf = unwrap(model)
     arch = arch or resolve(hf)
-    w = hf.get_submodule(arch.unembed).weight
-    hidden = hidden.to(w.device, w.dtype)
+    unembed = hf.get_submodule(arch.unembed)
+    hidden = hidden.to(unembed.weight.device, unembed.weight.dtype)
     h = hf.get_submodule(arch.final_norm)(hidden) if final_norm else hidden
-    logits = hf.get_submodule(arch.unembed)(h).float()
+    logits = unembed(h).float()
     cap = getattr(getattr(hf.config, "text_config", None) or hf.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -92,11 +92,12 @@ def run_sensitivity(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib:
         q_scored = ev.score_prompts(model, tok, table)
     right = ev.reference_right(table, fp_scored, q_scored)
     subset = right[["fact", "template", "subset"]]
+    right = right.drop(columns="subset")
     rows, prompts = [], []
     for scope, target, plan in tqdm(configs, desc=f"sensitivity {spec.method} {spec.bits}-bit", disable=not progress):
         qw = QuantizedWeights(plan, {n: full.tensors[n] for n in plan}) if plan else None
         with qw.applied(model) if qw else nullcontext():
-            scored = ev.score_prompts(model, tok, right.drop(columns="subset"))
+            scored = ev.score_prompts(model, tok, right)
             ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
         rows.append({"scope": scope, "target": target, "method": spec.method, "bits": spec.bits,
                      "avg_bits": avg_bits(model, plan, arch), "ppl": ppl, **subset_accuracy(scored, subset, seed)})

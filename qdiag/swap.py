@@ -99,11 +99,16 @@ def load(path: str | os.PathLike) -> QuantizedWeights:
 
 def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor, **settings) -> str:
     """A digest of everything GPTQ's result depends on: the planned weights (shape, sums and a
-    sample of values), the plan, the calibration tokens and the settings."""
-    from . import __version__
+    sample of values), the plan, the calibration tokens, the settings and the quantizer's own code
+    (a change to it, even one that only moves float rounding, must not load old results)."""
+    import inspect
+
+    from . import __version__, calibrate, gptq, quantize
 
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((__version__, sorted(settings.items()))).encode())
+    for module in (calibrate, gptq, quantize):
+        h.update(inspect.getsource(module).encode())
     modules = dict(unwrap(model).named_modules())
     for name in sorted(plan):
         w = modules[name].weight.detach()

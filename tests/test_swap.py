@@ -79,3 +79,18 @@ def test_gptq_results_are_cached_and_reloaded_exactly(tmp_path, monkeypatch):
         assert torch.equal(q.dequantize(), again.tensors[name].dequantize())
     with pytest.raises(AssertionError, match="ran again"):  # other calibration data: a new key
         swap.quantize_model(model, plan, calib_ids(seed=1), progress=False, cache_dir=tmp_path)
+
+
+def test_a_change_to_the_quantizer_code_is_a_new_cache_key(monkeypatch):
+    import inspect
+
+    from qdiag import gptq, swap
+    from tests.conftest import calib_ids
+
+    model = tiny_model("llama")
+    plan = uniform_plan(model, QuantSpec(3, group_size=32, method="gptq"))
+    before = swap._cache_key(model, plan, calib_ids(), damp=0.01)
+    assert swap._cache_key(model, plan, calib_ids(), damp=0.01) == before
+    source = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda m: source(m) + ("#" if m is gptq else ""))
+    assert swap._cache_key(model, plan, calib_ids(), damp=0.01) != before
