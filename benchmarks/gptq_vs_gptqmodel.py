@@ -46,13 +46,13 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.pop("QDIAG_QUANT_CACHE", None)  # time the quantization, not a cache lookup
 
-    from qdiag import data
-    from qdiag import evaluate as ev
-    from qdiag.arch import unwrap
-    from qdiag.models import load_model
-    from qdiag.plan import uniform_plan
-    from qdiag.quantize import QuantSpec
-    from qdiag.swap import quantize_model
+    from qdiag.core import data
+    from qdiag.core.arch import unwrap
+    from qdiag.core.models import load_model
+    from qdiag.measure import evaluate as ev
+    from qdiag.quant.plan import uniform_plan
+    from qdiag.quant.quantize import QuantSpec
+    from qdiag.quant.quantizer import quantize_model
 
     lm = load_model(args.model)
     tok = lm.tokenizer

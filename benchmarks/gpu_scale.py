@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny tokenizer and fact finder
-from benchmarks.memory import RANDOM  # noqa: E402
+from qdiag.testing import REAL_SHAPES as RANDOM
 
 
 def main() -> None:
@@ -35,19 +33,18 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qdiag.causal import run_causal
-    from qdiag.cliff import run_cliff
-    from qdiag.components import run_components
-    from qdiag.lens import run_lens
-    from qdiag.models import wrap
-    from qdiag.plan import uniform_plan
-    from qdiag.quantize import QuantSpec
-    from qdiag.repair import run_repair
-    from qdiag.representations import run_representations
-    from qdiag.sensitivity import run_sensitivity
-    from qdiag.swap import quantize_model
-    from tests.conftest import tiny_tokenizer
-    from tests.test_causal import known_facts
+    from qdiag.analyses.causal import run_causal
+    from qdiag.analyses.cliff import run_cliff
+    from qdiag.analyses.components import run_components
+    from qdiag.analyses.lens import run_lens
+    from qdiag.analyses.repair import run_repair
+    from qdiag.analyses.representations import run_representations
+    from qdiag.analyses.sensitivity import run_sensitivity
+    from qdiag.core.models import wrap
+    from qdiag.quant.plan import uniform_plan
+    from qdiag.quant.quantize import QuantSpec
+    from qdiag.quant.quantizer import quantize_model
+    from qdiag.testing import known_facts, tiny_tokenizer
 
     cfg = dict(RANDOM[args.random])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -76,9 +73,9 @@ def main() -> None:
         "patching + ablation + injection": lambda: run_causal(model, facts, specs[1:], calib, progress=False),
         "components": lambda: run_components(model, facts, specs, calib, progress=False),
         "representations": lambda: run_representations(model, facts, specs, calib, k=50, progress=False),
-        "sensitivity (2-bit)": lambda: run_sensitivity(model, facts, q2, calib, ppl_tokens=ppl[:1024],
+        "sensitivity (2-bit)": lambda: run_sensitivity(model, facts, [q2], calib, ppl_tokens=ppl[:1024],
                                                        progress=False),
-        "repair (2-bit, protect 2, EoRA r16)": lambda: run_repair(model, facts, q2, calib, ppl[:1024], 512,
+        "repair (2-bit, protect 2, EoRA r16)": lambda: run_repair(model, facts, [q2], calib, ppl[:1024], 512,
                                                                  protect_k=(2,), eora_ranks=(16,), progress=False),
     }
     table = []

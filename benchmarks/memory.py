@@ -21,12 +21,9 @@ import sys
 
 import torch
 
-RANDOM = {  # random-weight configs for GPU runs, where the default model cannot travel
-    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-}
+from qdiag.testing import REAL_SHAPES
+
+RANDOM = REAL_SHAPES  # random-weight configs for GPU runs, where the default model cannot travel
 
 
 def peak_bytes(device: str) -> int:
@@ -36,12 +33,12 @@ def peak_bytes(device: str) -> int:
 
 
 def measure(mode: str, args) -> dict:
-    from qdiag import data
-    from qdiag import evaluate as ev
-    from qdiag.arch import unwrap
-    from qdiag.plan import uniform_plan
-    from qdiag.quantize import QuantSpec
-    from qdiag.swap import quantize_model
+    from qdiag.core import data
+    from qdiag.core.arch import unwrap
+    from qdiag.measure import evaluate as ev
+    from qdiag.quant.plan import uniform_plan
+    from qdiag.quant.quantize import QuantSpec
+    from qdiag.quant.quantizer import quantize_model
 
     if args.random:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -55,7 +52,7 @@ def measure(mode: str, args) -> dict:
         tokens = torch.randint(0, config.vocab_size, (args.tokens,))
         calib = torch.randint(0, config.vocab_size, (args.calib_samples, args.calib_len))
     else:
-        from qdiag.models import load_model
+        from qdiag.core.models import load_model
 
         model = load_model(args.model, device=args.device, dtype=args.dtype)
         hf = unwrap(model)

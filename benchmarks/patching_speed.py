@@ -34,17 +34,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     args = ap.parse_args()
 
-    from qdiag import data
-    from qdiag import positions as P
-    from qdiag.arch import resolve
-    from qdiag.causal import KIND, _answer_prob
-    from qdiag.evaluate import prompt_table
-    from qdiag.models import load_model
-    from qdiag.patch import Edit, Rerun, patch_nnsight
-    from qdiag.plan import uniform_plan
-    from qdiag.quantize import QuantSpec
-    from qdiag.swap import quantize_model
-    from qdiag.trace import collect
+    from qdiag.analyses.causal import KIND, _answer_prob
+    from qdiag.core import data
+    from qdiag.core import positions as P
+    from qdiag.core.arch import resolve
+    from qdiag.core.models import load_model
+    from qdiag.measure.evaluate import prompt_table
+    from qdiag.measure.patch import Edit, Rerun, patch_nnsight
+    from qdiag.measure.trace import collect
+    from qdiag.quant.plan import uniform_plan
+    from qdiag.quant.quantize import QuantSpec
+    from qdiag.quant.quantizer import quantize_model
 
     torch.manual_seed(0)
     lm = load_model(args.model)
@@ -57,7 +57,7 @@ def main() -> None:
     sites, positions = args.sites.split(","), args.positions.split(",")
     idx = {p: P.token_index(batch, p) for p in positions}
     rows = torch.arange(len(chunk))
-    fp = collect(lm, batch, ("attn_out", "mlp_out", "resid"), arch=arch)
+    fp = collect(lm, batch, ("attn_out", "mlp_out", "resid"))
     cells = [(layer, s, p) for layer in range(arch.n_layers) for s in sites for p in positions]
 
     def edits(layer, site, pos):
@@ -66,7 +66,7 @@ def main() -> None:
     qw = quantize_model(lm, uniform_plan(lm, QuantSpec(args.bits, 128)), progress=False)
 
     def sweep():
-        run = Rerun(lm, batch, arch)
+        run = Rerun(lm, batch)
         out = {}
         for layer in range(arch.n_layers):
             group = [c for c in cells if c[0] == layer]
@@ -75,10 +75,10 @@ def main() -> None:
         return out
 
     def naive_nnsight():
-        return {c: _answer_prob(patch_nnsight(lm, batch, edits(*c), arch), answer) for c in cells}
+        return {c: _answer_prob(patch_nnsight(lm, batch, edits(*c)), answer) for c in cells}
 
     def naive_plain():
-        run = Rerun(lm, batch, arch)
+        run = Rerun(lm, batch)
         out = {}
         for c in cells:
             logits, _ = run.run([edits(*c)], start=0)

@@ -1,13 +1,13 @@
 import pytest
 
-from qdiag.amplify import amplification_grid
-from qdiag.data import Fact
-from qdiag.models import wrap
-from tests.conftest import tiny_model, tiny_tokenizer
+from qdiag.core.data import Fact
+from qdiag.core.models import wrap
+from qdiag.measure.amplify import amplification_grid
+from qdiag.testing import tiny_model, tiny_tokenizer
 
 
 def test_amplification_grid_with_alpha_zero_is_the_plain_model():
-    from qdiag.evaluate import prompt_table, score_prompts
+    from qdiag.measure.evaluate import prompt_table, score_prompts
 
     tok = tiny_tokenizer()
     lm = wrap(tiny_model("llama"), tok)  # 2 layers: the upper half is layer 1, the last: too few

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qdiag.arch import UnsupportedModelError, resolve, weight_matrix
-from tests.conftest import FAMILIES, tiny_model
+from qdiag.core.arch import UnsupportedModelError, resolve, weight_matrix
+from qdiag.testing import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

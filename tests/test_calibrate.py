@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from qdiag.arch import resolve
-from qdiag.calibrate import capture_layer_inputs, sequential_quantize
-from qdiag.plan import uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
-from tests.conftest import FAMILIES, calib_ids, tiny_model
+from qdiag.core.arch import resolve
+from qdiag.quant.calibrate import capture_layer_inputs, sequential_quantize
+from qdiag.quant.plan import uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import FAMILIES, calib_ids, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -105,7 +105,7 @@ def test_bfloat16_calibration_leaves_the_weights_and_still_beats_rtn(family):
 def test_replaying_kept_block_inputs_changes_no_code(family, monkeypatch):
     # later passes over a layer skip the attention (and, in the output pass, the MLP) once their
     # last matrix's inputs are final: the codes must equal those of recomputing everything
-    from qdiag import calibrate as C
+    from qdiag.quant import calibrate as C
 
     model = tiny_model(family)
     ids = calib_ids(n=8, length=32)
@@ -132,7 +132,7 @@ def test_replaying_kept_block_inputs_changes_no_code(family, monkeypatch):
 
 @pytest.mark.parametrize("d", [7, 576, 1537])
 def test_the_blocked_gram_matrix_is_x_transpose_x(d):
-    from qdiag.calibrate import _gram
+    from qdiag.quant.calibrate import _gram
 
     x = torch.randn(300, d, dtype=torch.float64)
     torch.testing.assert_close(_gram(x), x.t() @ x)

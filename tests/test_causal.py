@@ -1,35 +1,18 @@
 import pytest
 import torch
 
-from qdiag import positions as P
-from qdiag.causal import run_causal
-from qdiag.data import Fact
-from qdiag.evaluate import encode_prompts
-from qdiag.models import wrap
-from qdiag.patch import Edit, patch_nnsight
-from qdiag.plan import uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
-from qdiag.trace import collect
-from tests.conftest import tiny_model, tiny_tokenizer
+from qdiag.analyses.causal import run_causal
+from qdiag.core import positions as P
+from qdiag.core.data import Fact
+from qdiag.core.models import wrap
+from qdiag.measure.patch import Edit, patch_nnsight
+from qdiag.measure.trace import collect
+from qdiag.quant.plan import uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import TEMPLATES, known_facts, tiny_model, tiny_tokenizer
 
-TEMPLATES = ["The capital of [X] is [Y]", "[X] 's capital city is [Y]", "[X] is located in [Y]"]
-SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan"]
 SPEC = QuantSpec(2, group_size=32)
-
-
-def known_facts(model, tok):
-    """Facts whose object is what the tiny random model predicts, so the reference is right."""
-    facts = []
-    for s in SUBJECTS:
-        for j, t in enumerate(TEMPLATES):
-            prompt = t.replace("[X]", s)[: -len(" [Y]")]
-            batch = encode_prompts(tok, [prompt], device=next(model.parameters()).device)
-            top = model(**batch).logits[0, -1].argmax().item()
-            word = tok.convert_ids_to_tokens(top)
-            if word and word.isalpha():
-                facts.append(Fact(f"T{j}", s, word, (t,)))  # one relation per template: unique fact ids
-    return facts
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from qdiag.cli import main
-from tests.conftest import tiny_model, tiny_tokenizer
+from qdiag.testing import knowing, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -111,30 +111,6 @@ def test_components_refuses_an_unknown_position(local_model, tmp_path, data_dir,
     assert not out.exists()
 
 
-def knowing(tmp_path, layers: int = 2):
-    """A tiny model saved with a data folder of facts it answers correctly (its own predictions)."""
-    from tests.test_causal import known_facts
-
-    model, tok = tiny_model("llama", layers=layers), tiny_tokenizer()
-    model.lm_head.weight.data[len(tok):] = -1
-    facts = known_facts(model, tok)
-    path = tmp_path / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    data = tmp_path / "data"
-    for sub in ("patterns", "facts"):
-        (data / "pararel" / sub).mkdir(parents=True)
-    patterns = sorted({t for f in facts for t in f.templates})
-    (data / "pararel" / "patterns" / "P36.jsonl").write_text("\n".join(json.dumps({"pattern": p}) for p in patterns))
-    (data / "pararel" / "facts" / "P36.jsonl").write_text(
-        "\n".join(json.dumps({"sub_label": f.subject, "obj_label": f.obj}) for f in facts))
-    (data / "wikitext-2").mkdir()
-    text = " ".join(["the capital of France is Paris ."] * 200)
-    for split in ("test", "valid"):
-        (data / "wikitext-2" / f"{split}.txt").write_text(text)
-    return str(path), data
-
-
 @pytest.fixture
 def knowing_model(tmp_path):
     return knowing(tmp_path)
@@ -143,12 +119,12 @@ def knowing_model(tmp_path):
 def test_trace_end_to_end(local_model, tmp_path, data_dir):
     out = tmp_path / "out"
     assert main(analysis_args("trace", local_model, out, data_dir)) == 0
-    rows = pd.DataFrame(json.loads((out / "logit_lens.json").read_text())["rows"])
+    rows = pd.DataFrame(json.loads((out / "lens.json").read_text())["rows"])
     for col in ("bits", "method", "model", "layer", "subset", "prob", "prob_lo", "prob_hi", "rank", "rank_lo",
                 "rank_hi", "n"):
         assert col in rows
     assert set(rows.layer) == {0, 1} and set(rows.bits) == {16, 2}
-    assert (out / "logit_lens.png").exists() and (out / "logit_lens_prompts.csv").exists()
+    assert (out / "lens.png").exists() and (out / "lens_prompts.csv").exists()
 
 
 def test_patch_end_to_end(knowing_model, tmp_path):
@@ -157,7 +133,7 @@ def test_patch_end_to_end(knowing_model, tmp_path):
     args = ["patch", "--model", model, "--bits", "16,2", "--method", "rtn", "--group-size", "32", "--data", str(data),
             "--facts", "20", "--quiet", "--out", str(out)]
     assert main(args) == 0
-    doc = json.loads((out / "patching.json").read_text())
+    doc = json.loads((out / "causal.json").read_text())
     rows = pd.DataFrame(doc["rows"])
     for col in ("bits", "method", "layer", "site", "position", "subset", "recovery", "recovery_lo", "recovery_hi",
                 "p_fp", "p_quant", "p_patched", "n"):
@@ -208,6 +184,6 @@ def test_repair_end_to_end(tmp_path):
     assert (out / "repair.png").exists()
 
 
-def test_repair_refuses_several_widths(local_model, tmp_path, data_dir, capsys):
-    assert main(analysis_args("repair", local_model, tmp_path / "out", data_dir, "--bits", "4,2")) == 2
-    assert "one width at a time" in capsys.readouterr().err
+def test_repair_refuses_the_reference_alone(local_model, tmp_path, data_dir, capsys):
+    assert main(analysis_args("repair", local_model, tmp_path / "out", data_dir, "--bits", "16")) == 2
+    assert "needs a quantized width" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 import pandas as pd
-import pytest
 
-from qdiag.cliff import CliffResult, cliff_specs, findings
+from qdiag.analyses.cliff import CliffResult, findings
 
 
 def result(q_ranks: list[int]) -> CliffResult:
@@ -23,11 +22,3 @@ def test_findings_from_a_hand_made_run():
     assert f["rtn4_rank_drop"] is True and f["rtn4_rank_collapse"] is False
     g = findings(result([2000, 30000]))
     assert g["rtn4_rank_drop"] is False and g["rtn4_rank_collapse"] is True
-
-
-def test_cliff_specs_put_full_precision_first_once():
-    specs = cliff_specs([2, "fp", 4], ["rtn", "gptq"], 64, True)
-    assert [(s.method if s.bits != 16 else "fp", s.bits) for s in specs] == [
-        ("fp", 16), ("rtn", 4), ("rtn", 2), ("gptq", 4), ("gptq", 2)]
-    with pytest.raises(ValueError, match="no bit widths"):
-        cliff_specs([], ["rtn"], 64, True)

@@ -3,16 +3,12 @@ import math
 import pytest
 import torch
 
-from qdiag.components import run_components
-from qdiag.data import Fact
-from qdiag.models import wrap
-from qdiag.plan import uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
-from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
-
-FACTS = [Fact("P36", "France", "Paris", ("The capital of [X] is [Y].", "[X] 's capital city is [Y]")),
-         Fact("P36", "Germany", "Berlin", ("The capital of [X] is [Y].",))]
+from qdiag.analyses.components import run_components
+from qdiag.core.models import wrap
+from qdiag.quant.plan import uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import FACTS, FAMILIES, tiny_model, tiny_tokenizer
 
 
 def sharpened(family: str = "llama"):
@@ -97,7 +93,7 @@ def test_bad_input():
 def test_findings_read_the_paper_thresholds_from_the_rows():
     import pandas as pd
 
-    from qdiag.components import findings
+    from qdiag.analyses.components import findings
 
     rows = pd.DataFrame([
         {"method": "rtn", "bits": b, "position": "last", "layer": layer, "head": None, "n_tokens": 5,

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from qdiag import data
+from qdiag.core import data
 
 
 @pytest.mark.parametrize("template,ok", [

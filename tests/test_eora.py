@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from qdiag.arch import weight_matrix
-from qdiag.calibrate import input_moments
-from qdiag.eora import eora, eora_avg_bits, eora_factors
-from qdiag.gptq import reconstruction_error
-from qdiag.models import wrap
-from qdiag.plan import avg_bits, uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
-from tests.conftest import calib_ids, tiny_model, tiny_tokenizer
+from qdiag.core.arch import weight_matrix
+from qdiag.core.models import wrap
+from qdiag.quant.calibrate import input_moments
+from qdiag.quant.eora import eora, eora_avg_bits, eora_factors
+from qdiag.quant.gptq import reconstruction_error
+from qdiag.quant.plan import avg_bits, uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import calib_ids, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

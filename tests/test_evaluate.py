@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from qdiag import evaluate as ev
-from qdiag.data import Fact
+from qdiag.core.data import Fact
+from qdiag.measure import evaluate as ev
 
 
 def test_perplexity_matches_a_manual_loop(model):

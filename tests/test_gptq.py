@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qdiag.gptq import column_order, gptq, reconstruction_error
-from qdiag.quantize import QuantSpec, rtn
+from qdiag.quant.gptq import column_order, gptq, reconstruction_error
+from qdiag.quant.quantize import QuantSpec, rtn
 
 
 def correlated_inputs(n=512, d=48, seed=0):

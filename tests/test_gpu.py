@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qdiag.cli import main
-from tests.test_cli import knowing
+from qdiag.testing import knowing
 
 DEVICE = os.environ.get("QDIAG_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -24,8 +24,8 @@ COMMON = ["--method", "gptq", "--group-size", "32", "--facts", "20", "--ppl-toke
           "--calib-samples", "4", "--calib-len", "16", "--device", DEVICE, "--quiet"]
 COMMANDS = {
     "cliff": (["--bits", "16,4,2"], "cliff.json"),
-    "trace": (["--bits", "16,2"], "logit_lens.json"),
-    "patch": (["--bits", "2"], "patching.json"),
+    "lens": (["--bits", "16,2"], "lens.json"),
+    "causal": (["--bits", "2"], "causal.json"),
     "components": (["--bits", "16,2"], "components.json"),
     "representations": (["--bits", "16,2", "--k", "8"], "representations.json"),
     "sensitivity": (["--bits", "3"], "sensitivity.json"),

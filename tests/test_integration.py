@@ -7,13 +7,13 @@ import hashlib
 import pytest
 import torch
 
-from qdiag import data
-from qdiag import evaluate as ev
-from qdiag.arch import resolve, unwrap
-from qdiag.models import load_model
-from qdiag.plan import avg_bits, uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
+from qdiag.core import data
+from qdiag.core.arch import resolve, unwrap
+from qdiag.core.models import load_model
+from qdiag.measure import evaluate as ev
+from qdiag.quant.plan import avg_bits, uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
 
 pytestmark = pytest.mark.integration
 
@@ -89,10 +89,10 @@ def test_nnsight_trace_sees_the_quantized_weights(smollm):
 
 
 def test_patching_invariants_on_the_default_model(smollm):
-    from qdiag import positions as P
-    from qdiag.lens import logit_lens
-    from qdiag.patch import Edit, Rerun, patch_nnsight
-    from qdiag.trace import collect
+    from qdiag.analyses.lens import logit_lens
+    from qdiag.core import positions as P
+    from qdiag.measure.patch import Edit, Rerun, patch_nnsight
+    from qdiag.measure.trace import collect
 
     lm, _ = smollm
     hf = unwrap(lm)

@@ -5,7 +5,7 @@ import stat
 import pandas as pd
 import pytest
 
-from qdiag.io import atomic_write_bytes, records, save_analysis
+from qdiag.core.io import atomic_write_bytes, records, save_analysis
 
 
 def test_files_get_the_usual_mode_not_a_private_one(tmp_path):

@@ -1,12 +1,11 @@
 import pytest
 import torch
 
-from qdiag.evaluate import encode_prompts, prompt_table, score_prompts
-from qdiag.lens import logit_lens, run_lens
-from qdiag.models import wrap
-from qdiag.quantize import QuantSpec
-from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
-from tests.test_components import FACTS
+from qdiag.analyses.lens import logit_lens, run_lens
+from qdiag.core.models import wrap
+from qdiag.measure.evaluate import encode_prompts, prompt_table, score_prompts
+from qdiag.quant.quantize import QuantSpec
+from qdiag.testing import FACTS, FAMILIES, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qdiag import metrics as M
+from qdiag.measure import metrics as M
 
 
 def causal_uniform(q: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 import pytest
 
-from qdiag.arch import resolve, unwrap
-from qdiag.models import ModelNotFoundError, load_model, locate
-from tests.conftest import tiny_model, tiny_tokenizer
+from qdiag.core.arch import resolve, unwrap
+from qdiag.core.models import ModelNotFoundError, load_model, locate
+from qdiag.testing import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture

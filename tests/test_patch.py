@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from qdiag.evaluate import encode_prompts
-from qdiag.models import wrap
-from qdiag.patch import Edit, Rerun, patch_nnsight
-from qdiag.plan import uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
-from qdiag.trace import collect
-from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
+from qdiag.core.models import wrap
+from qdiag.measure.evaluate import encode_prompts
+from qdiag.measure.patch import Edit, Rerun, patch_nnsight
+from qdiag.measure.trace import collect
+from qdiag.quant.plan import uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the capital of France is", "Paris is in", "Japan 's capital city is"]
 

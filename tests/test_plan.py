@@ -1,8 +1,8 @@
 import pytest
 
-from qdiag.arch import resolve
-from qdiag.plan import avg_bits, mixed_plan, uniform_plan, validate
-from qdiag.quantize import QuantSpec
+from qdiag.core.arch import resolve
+from qdiag.quant.plan import avg_bits, mixed_plan, uniform_plan, validate, width_specs
+from qdiag.quant.quantize import QuantSpec
 
 
 def test_uniform_plan_covers_decoder_weights_only(model):
@@ -14,13 +14,12 @@ def test_uniform_plan_covers_decoder_weights_only(model):
 
 def test_avg_bits_of_a_mixed_plan(model):
     # llama tiny: per layer q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128
-    arch = resolve(model)
     base = uniform_plan(model, QuantSpec(bits=4, group_size=32))
     plan = mixed_plan(base, uniform_plan(model, QuantSpec(bits=8, group_size=32), layers=[0]))
     per_layer = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 128 * 64 * 2 + 64 * 128
     scale_bits = 16 / 32  # one 16-bit scale per 32 weights (every in_features is a multiple of 32)
     want = ((8 + scale_bits) * per_layer + (4 + scale_bits) * per_layer) / (2 * per_layer)
-    assert avg_bits(model, plan, arch) == pytest.approx(want)
+    assert avg_bits(model, plan) == pytest.approx(want)
 
 
 def test_full_precision_plan_is_16_bits(model):
@@ -43,3 +42,11 @@ def test_bad_plans_raise_before_work(model):
         uniform_plan(model, QuantSpec(bits=4, group_size=32), layers=[5])
     with pytest.raises(ValueError, match="unknown weight types"):
         uniform_plan(model, QuantSpec(bits=4, group_size=32), weight_types=["qkv"])
+
+
+def test_width_specs_put_full_precision_first_once():
+    specs = width_specs([2, "fp", 4], ["rtn", "gptq"], 64, True)
+    assert [(s.method if s.bits != 16 else "fp", s.bits) for s in specs] == [
+        ("fp", 16), ("rtn", 4), ("rtn", 2), ("gptq", 4), ("gptq", 2)]
+    with pytest.raises(ValueError, match="no bit widths"):
+        width_specs([], ["rtn"], 64, True)

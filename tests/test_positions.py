@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from qdiag import positions as P
-from qdiag.data import Fact
-from qdiag.evaluate import prompt_table
-from tests.conftest import tiny_tokenizer
+from qdiag.core import positions as P
+from qdiag.core.data import Fact
+from qdiag.measure.evaluate import prompt_table
+from qdiag.testing import tiny_tokenizer
 
 
 def test_last_subject_token_is_found_under_left_padding():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from qdiag.quantize import QTensor, QuantSpec, bits_per_weight, minmax_params, parse_bits, rtn
+from qdiag.quant.quantize import QTensor, QuantSpec, bits_per_weight, minmax_params, parse_bits, rtn
 
 
 def rtn_by_hand(w: np.ndarray, bits: int, group: int | None, sym: bool) -> np.ndarray:

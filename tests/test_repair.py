@@ -2,13 +2,13 @@ import pandas as pd
 import pytest
 import torch
 
-from qdiag import repair as R
-from qdiag.amplify import choose_amplification
-from qdiag.data import Fact
-from qdiag.models import wrap
-from qdiag.plan import avg_bits, uniform_plan
-from qdiag.quantize import QuantSpec
-from tests.conftest import calib_ids, tiny_model, tiny_tokenizer
+from qdiag.analyses import repair as R
+from qdiag.core.data import Fact
+from qdiag.core.models import wrap
+from qdiag.measure.amplify import choose_amplification
+from qdiag.quant.plan import avg_bits, uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.testing import calib_ids, tiny_model, tiny_tokenizer
 
 SPEC = QuantSpec(4, group_size=32)
 
@@ -69,18 +69,18 @@ def test_the_split_is_disjoint_and_alpha_is_chosen_on_held_out_facts_only():
 
 
 def test_run_repair_scores_on_facts_it_did_not_choose_on():
-    from tests.test_causal import known_facts
+    from qdiag.testing import known_facts
 
     model, tok = tiny_model("llama", layers=4), tiny_tokenizer()
     model.lm_head.weight[len(tok):] = -1
     lm = wrap(model, tok)
     facts = known_facts(model, tok)
-    res = R.run_repair(lm, facts, QuantSpec(3, group_size=32), calib_ids(4, 16), protect_k=(1,),
+    res = R.run_repair(lm, facts, [QuantSpec(3, group_size=32)], calib_ids(4, 16), protect_k=(1,),
                        kurtosis_thresholds=(0.5,), eora_ranks=(4,), inject_layer=2, progress=False)
     rows = res.rows.set_index("repair")
     assert list(rows.index) == ["none", "protect_first", "protect_kurtosis", "eora", "amplify", "inject"]
     assert not set(res.held_out_facts) & set(res.scored_facts)
-    assert set(res.choice["held_out_facts"]) <= set(res.held_out_facts)
+    assert set(res.choice[0]["held_out_facts"]) <= set(res.held_out_facts)
     assert rows.loc["none", "avg_bits"] == pytest.approx(3.5)
     assert rows.loc["protect_first", "avg_bits"] == pytest.approx((8.5 + 3 * 3.5) / 4)
     assert rows.loc["eora", "avg_bits"] > 3.5

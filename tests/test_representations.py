@@ -1,14 +1,13 @@
 import pytest
 import torch
 
-from qdiag import metrics as M
-from qdiag.models import wrap
-from qdiag.plan import uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.representations import run_representations
-from qdiag.swap import quantize_model
-from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
-from tests.test_components import FACTS
+from qdiag.analyses.representations import run_representations
+from qdiag.core.models import wrap
+from qdiag.measure import metrics as M
+from qdiag.quant.plan import uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import FACTS, FAMILIES, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("family", FAMILIES)

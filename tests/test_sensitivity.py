@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from qdiag.models import wrap
-from qdiag.plan import avg_bits
-from qdiag.quantize import QuantSpec
-from qdiag.sensitivity import first_domino, run_sensitivity, sensitivity_plans
-from qdiag.swap import quantize_model
-from tests.conftest import tiny_model, tiny_tokenizer
-from tests.test_causal import known_facts
+from qdiag.analyses.sensitivity import first_domino, run_sensitivity, sensitivity_plans
+from qdiag.core.models import wrap
+from qdiag.quant.plan import avg_bits
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import known_facts, tiny_model, tiny_tokenizer
 
 SPEC = QuantSpec(3, group_size=32)  # on the fixture, 3 bits leaves both subsets non-empty
 
@@ -18,7 +17,7 @@ def setting():
     model.lm_head.weight[len(tok):] = -1
     lm = wrap(model, tok)
     facts = known_facts(model, tok)
-    return lm, facts, run_sensitivity(lm, facts, SPEC, progress=False)
+    return lm, facts, run_sensitivity(lm, facts, [SPEC], progress=False)
 
 
 def test_plans_cover_what_their_scope_says():

@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from qdiag.arch import from_matrix
-from qdiag.plan import uniform_plan
-from qdiag.quantize import QuantSpec
-from qdiag.swap import quantize_model
-from tests.conftest import FAMILIES, tiny_model
+from qdiag.core.arch import from_matrix
+from qdiag.quant.plan import uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import FAMILIES, tiny_model
 
 
 def state(model):
@@ -59,38 +59,3 @@ def test_codes_are_smaller_than_weights(model):
 def test_gptq_without_calibration_raises(model):
     with pytest.raises(ValueError, match="calibration"):
         quantize_model(model, uniform_plan(model, QuantSpec(bits=4, group_size=32, method="gptq")))
-
-
-def test_gptq_results_are_cached_and_reloaded_exactly(tmp_path, monkeypatch):
-    from qdiag import swap
-    from tests.conftest import calib_ids
-
-    model = tiny_model("llama")
-    plan = uniform_plan(model, QuantSpec(3, group_size=32, method="gptq"))
-    first = swap.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.pt"))) == 1
-
-    def fail(*a, **k):
-        raise AssertionError("GPTQ ran again although its result was cached")
-
-    monkeypatch.setattr("qdiag.calibrate.sequential_quantize", fail)
-    again = swap.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
-    for name, q in first.tensors.items():
-        assert torch.equal(q.dequantize(), again.tensors[name].dequantize())
-    with pytest.raises(AssertionError, match="ran again"):  # other calibration data: a new key
-        swap.quantize_model(model, plan, calib_ids(seed=1), progress=False, cache_dir=tmp_path)
-
-
-def test_a_change_to_the_quantizer_code_is_a_new_cache_key(monkeypatch):
-    import inspect
-
-    from qdiag import gptq, swap
-    from tests.conftest import calib_ids
-
-    model = tiny_model("llama")
-    plan = uniform_plan(model, QuantSpec(3, group_size=32, method="gptq"))
-    before = swap._cache_key(model, plan, calib_ids(), damp=0.01)
-    assert swap._cache_key(model, plan, calib_ids(), damp=0.01) == before
-    source = inspect.getsource
-    monkeypatch.setattr(inspect, "getsource", lambda m: source(m) + ("#" if m is gptq else ""))
-    assert swap._cache_key(model, plan, calib_ids(), damp=0.01) != before

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from qdiag.arch import resolve
-from qdiag.evaluate import encode_prompts
-from qdiag.models import wrap
-from qdiag.trace import collect
-from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
+from qdiag.core.arch import resolve
+from qdiag.core.models import wrap
+from qdiag.measure.evaluate import encode_prompts
+from qdiag.measure.trace import collect
+from qdiag.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("family", FAMILIES)

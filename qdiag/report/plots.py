@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .quantize import FULL_PRECISION
+from ..quant.quantize import FULL_PRECISION
 
 _ACC = {"acc_any": "Acc@any", "acc_majority": "Acc@majority", "acc_all": "Acc@all"}
 

@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from . import positions as P
-from .arch import resolve
-from .data import Fact
-from .evaluate import prompt_table
-from .io import save_analysis
-from .plan import avg_bits, check_specs, uniform_plan
-from .quantize import FULL_PRECISION, QuantSpec
-from .swap import quantize_model
-from .trace import collect
+from ..core import positions as P
+from ..core.arch import resolve
+from ..core.data import Fact
+from ..core.io import save_analysis
+from ..measure import metrics as M
+from ..measure.evaluate import prompt_table
+from ..measure.trace import collect
+from ..measure.widths import Width, check_configs, each_width
+from ..quant.quantize import QuantSpec
+from ..report.plots import cka_figure, subspace_figure
 
 
 @dataclass
@@ -58,7 +58,7 @@ def hidden_states(model: nn.Module, chunks: list[pd.DataFrame], position: str, m
             break
         batch = P.encode(tok, chunk.prompt.tolist(), chunk.subject_end.tolist())
         tokens = None if position == "all" else P.token_index(batch, position)[:, None]
-        got = collect(model, batch, ("resid",), arch=arch, tokens=tokens)["resid"]
+        got = collect(model, batch, ("resid",), tokens=tokens)["resid"]
         for layer, x in enumerate(got):
             rows = P.select(x, batch, "all") if tokens is None else x[:, 0]
             parts[layer].append(rows[: max_tokens - n])
@@ -75,35 +75,31 @@ def compare(fp: list[torch.Tensor], q: list[torch.Tensor], k: int = 50) -> tuple
     return pd.DataFrame(rows), M.cka_matrix(fp, q).numpy()
 
 
-def run_representations(model: nn.Module, facts: list[Fact], specs: list[QuantSpec],
-                        calib: torch.Tensor | None = None, position: str = "all", k: int = 50,
-                        max_tokens: int = 2048, batch_size: int = 16,
-                        progress: bool = True) -> RepresentationResult:
-    """Compare the reference's hidden states with each configuration's; a full-precision spec
-    compares the model with itself."""
+def check(position: str, k: int, max_tokens: int) -> None:
+    """Raise on options the representation comparison cannot run with."""
     P.check([position])
     if k < 1:
         raise ValueError(f"k (principal directions) must be at least 1, got {k}")
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
-    arch = resolve(model)
-    check_specs(model, specs, arch)
+
+
+def run_representations(model: nn.Module, facts: list[Fact], specs: list[QuantSpec | Width],
+                        calib: torch.Tensor | None = None, position: str = "all", k: int = 50,
+                        max_tokens: int = 2048, batch_size: int = 16,
+                        progress: bool = True) -> RepresentationResult:
+    """Compare the reference's hidden states with each configuration's; a full-precision spec
+    compares the model with itself (run again: the identity check goes through the whole path)."""
+    check(position, k, max_tokens)
+    configs = check_configs(model, specs)
     chunks = P.batches(prompt_table(facts, model.tokenizer), facts, batch_size)
     fp = hidden_states(model, chunks, position, max_tokens, progress)
     rows, cka = [], {}
-    for spec in tqdm(specs, desc="representations", disable=not progress):
-        method = "fp" if spec.is_full_precision else spec.method
-        if spec.is_full_precision:  # run again: the identity check goes through the whole path
-            q, bits_avg = hidden_states(model, chunks, position, max_tokens), float(FULL_PRECISION)
-        else:
-            plan = uniform_plan(model, spec, arch=arch)
-            qw = quantize_model(model, plan, calib, progress=progress)
-            with qw.applied(model):
-                q = hidden_states(model, chunks, position, max_tokens, progress)
-            bits_avg = avg_bits(model, plan, arch)
-            del qw
-        per_layer, cka[(method, spec.bits)] = compare(fp, q, k)
-        rows.append(per_layer.assign(method=method, bits=spec.bits, avg_bits=bits_avg, position=position,
+    for w in each_width(model, configs, calib, progress, desc="representations"):
+        with w.applied(model):
+            q = hidden_states(model, chunks, position, max_tokens, progress and not w.is_reference)
+        per_layer, cka[(w.method, w.bits)] = compare(fp, q, k)
+        rows.append(per_layer.assign(method=w.method, bits=w.bits, avg_bits=w.avg_bits, position=position,
                                      n_tokens=fp[0].shape[0], k=min(k, *fp[0].shape), d_model=fp[0].shape[1]))
     cols = ["method", "bits", "avg_bits", "position", "layer", "n_tokens", "k", "d_model", "subspace_sim",
             "error_alignment", "cka_same_layer"]
@@ -113,8 +109,6 @@ def run_representations(model: nn.Module, facts: list[Fact], specs: list[QuantSp
 def save_representations(res: RepresentationResult, out: str | Path, meta: dict, title: str = "") -> None:
     """Write ``representations.json`` (meta, rows, and ``cka``: one ``{method, bits, matrix}`` per
     configuration, reference layers down the rows), ``representations.csv`` and two figures."""
-    from .plots import cka_figure, subspace_figure
-
     prefix = f"{title}: " if title else ""
     cka = [{"method": m, "bits": b, "matrix": np.round(mat, 6).tolist()} for (m, b), mat in res.cka.items()]
     figures = {"representations_cka": cka_figure(res.cka, f"{prefix}linear CKA, reference x quantized layers"),

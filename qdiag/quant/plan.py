@@ -7,20 +7,20 @@ and the unembedding stay in full precision.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from .arch import Arch, resolve, unwrap, weight_matrix
-from .quantize import FULL_PRECISION, QuantSpec, bits_per_weight
+from ..core.arch import resolve, unwrap, weight_matrix
+from .quantize import FULL_PRECISION, QuantSpec, bits_per_weight, parse_bits
 
 Plan = dict[str, QuantSpec]
 
 
 def uniform_plan(model: nn.Module, spec: QuantSpec, layers: Iterable[int] | None = None,
-                 weight_types: Iterable[str] | None = None, arch: Arch | None = None) -> Plan:
+                 weight_types: Iterable[str] | None = None) -> Plan:
     """One spec for the chosen layers and weight types (all by default) of the decoder."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     layer_idx = list(range(arch.n_layers)) if layers is None else list(layers)
     bad = [i for i in layer_idx if not 0 <= i < arch.n_layers]
     if bad:
@@ -33,15 +33,33 @@ def uniform_plan(model: nn.Module, spec: QuantSpec, layers: Iterable[int] | None
     return validate(model, plan)
 
 
-def check_specs(model: nn.Module, specs: Iterable[QuantSpec], arch: Arch | None = None) -> list[QuantSpec]:
+def check_specs(model: nn.Module, specs: Iterable[QuantSpec]) -> list[QuantSpec]:
     """Check that every spec fits every decoder matrix (a uniform plan of it), before any work."""
     specs = list(specs)
     if not specs:
         raise ValueError("no configurations given")
-    arch = arch or resolve(model)
+    hf, arch = unwrap(model), resolve(model)
+    inputs = {weight_matrix(hf.get_submodule(n)).shape[1]: n for n in arch.linear_names()}
     for s in specs:
-        if not s.is_full_precision:
-            uniform_plan(model, s, arch=arch)
+        if not isinstance(s, QuantSpec):
+            raise TypeError(f"expected a QuantSpec, got {type(s).__name__}")
+        for cols, name in sorted(inputs.items()):
+            s.check(cols, name)
+    return specs
+
+
+def width_specs(bits: Sequence[int | str], methods: Sequence[str], group_size: int | None = 128,
+                sym: bool = True) -> list[QuantSpec]:
+    """The configurations of a sweep over widths and quantizers; full precision once, first, and
+    widest first. Raises on bad input."""
+    if not bits:
+        raise ValueError("no bit widths given")
+    if not methods:
+        raise ValueError("no quantization methods given")
+    widths = sorted({parse_bits(b) for b in bits}, reverse=True)
+    specs = [QuantSpec(bits=FULL_PRECISION)] if FULL_PRECISION in widths else []
+    specs += [QuantSpec(bits=b, group_size=group_size, sym=sym, method=m)
+              for m in methods for b in widths if b != FULL_PRECISION]
     return specs
 
 
@@ -67,10 +85,10 @@ def validate(model: nn.Module, plan: Plan) -> Plan:
     return plan
 
 
-def avg_bits(model: nn.Module, plan: Plan, arch: Arch | None = None) -> float:
+def avg_bits(model: nn.Module, plan: Plan) -> float:
     """Average storage bits per weight over all decoder-layer weight matrices, scales and zero
     points included; matrices the plan leaves out count as 16-bit."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     modules = dict(unwrap(model).named_modules())
     total_bits = total = 0.0
     for name in arch.linear_names():

@@ -31,16 +31,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import evaluate as ev
-from . import positions as P
-from .arch import resolve
-from .data import Fact
-from .io import save_analysis
-from .patch import SITES, Edit, Rerun
-from .plan import check_specs, uniform_plan
-from .quantize import QuantSpec
-from .swap import quantize_model
-from .trace import collect
+from ..core import positions as P
+from ..core.arch import resolve
+from ..core.data import Fact
+from ..core.io import records, save_analysis, write_csv
+from ..measure import evaluate as ev
+from ..measure.patch import SITES, Edit, Rerun
+from ..measure.readout import answer_prob
+from ..measure.trace import collect
+from ..measure.widths import Reference, Width, check_configs, each_width, quantized_only
+from ..quant.quantize import QuantSpec
+from ..report.plots import ablation_figure, injection_figure, patching_figure
 
 KIND = {"resid": "resid", "attn": "attn_out", "mlp": "mlp_out"}
 SUBSETS = ("failure", "robust", "all")
@@ -56,12 +57,6 @@ class CausalResult:
     injection: pd.DataFrame
     injection_cosine: pd.DataFrame
     prompts: pd.DataFrame  # per prompt and patching cell: p_fp, p_quant, p_patched
-
-
-def _answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """``logits (..., batch, vocab)`` -> probability of each prompt's answer ``(..., batch)``."""
-    p = torch.softmax(logits.float(), -1)
-    return p.gather(-1, answer.expand(*p.shape[:-1])[..., None].to(p.device))[..., 0].cpu()
 
 
 def _cells(n_layers: int, sites: Sequence[str], positions: Sequence[str]) -> list[tuple[int, str, str]]:
@@ -81,7 +76,7 @@ def _sweep(run: Rerun, cells, make, answer: torch.Tensor) -> dict[tuple, torch.T
     out = {}
     for group in _by_layer(cells, make).values():
         logits, _ = run.run([edits for _, edits in group])
-        probs = _answer_prob(logits, answer)
+        probs = answer_prob(logits, answer)
         for (cell, _), p in zip(group, probs):
             out[cell] = p
     return out
@@ -101,12 +96,8 @@ def _per_subset(df: pd.DataFrame):
             yield sub, g
 
 
-def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tensor | None = None,
-               positions: Sequence[str] = ("last_subject", "last"), sites: Sequence[str] = SITES, window: int = 1,
-               ablation: bool = True, injection: bool = True, batch_size: int = 8, seed: int = 0,
-               progress: bool = True) -> CausalResult:
-    """Patching, ablation and injection for each quantized configuration (full-precision specs
-    are skipped: there is nothing to recover)."""
+def check(positions: Sequence[str], sites: Sequence[str], window: int) -> list[str]:
+    """Raise on options the causal tests cannot run with (before any work); the positions, checked."""
     positions = P.check(positions)
     if "all" in positions:
         raise ValueError("patching works at one token per prompt: use last_subject and/or last")
@@ -115,35 +106,37 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], cali
         raise ValueError(f"unknown sites {bad or list(sites)}; choose from {', '.join(SITES)}")
     if window < 1:
         raise ValueError(f"window must be at least 1 layer, got {window}")
-    specs = [s for s in specs if not s.is_full_precision]
-    if not specs:
-        raise ValueError("no quantized configuration given (16 bits is the reference itself)")
+    return positions
+
+
+def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec | Width], calib: torch.Tensor | None = None,
+               positions: Sequence[str] = ("last_subject", "last"), sites: Sequence[str] = SITES, window: int = 1,
+               ablation: bool = True, injection: bool = True, batch_size: int = 8, seed: int = 0,
+               progress: bool = True) -> CausalResult:
+    """Patching, ablation and injection for each quantized configuration (full-precision specs
+    are skipped: there is nothing to recover)."""
+    positions = check(positions, sites, window)
+    configs = check_configs(model, quantized_only(specs))
     tok = model.tokenizer
-    arch = resolve(model)
-    check_specs(model, specs, arch)
-    n_layers = arch.n_layers
-    table = ev.prompt_table(facts, tok)
-    fp_scored = ev.score_prompts(model, tok, table, progress=progress)
-    if not fp_scored.correct.any():
-        raise ValueError(f"the reference answers none of the {len(table)} prompts correctly, so there is nothing "
+    n_layers = resolve(model).n_layers
+    ref = Reference(model, facts, progress=progress)
+    if not ref.scored.correct.any():
+        raise ValueError(f"the reference answers none of the {len(ref.table)} prompts correctly, so there is nothing "
                          "to recover; use more facts (--facts) or a larger model")
     cells = _cells(n_layers, sites, positions)
     out: dict[str, list] = {k: [] for k in ("patching", "ablation", "similarity", "injection", "cosine", "prompts")}
-    for spec in specs:
-        qw = quantize_model(model, uniform_plan(model, spec, arch=arch), calib, progress=progress)
-        with qw.applied(model):
-            q_scored = ev.score_prompts(model, tok, table, progress=progress)
-        right = ev.reference_right(table, fp_scored, q_scored)
+    for w in each_width(model, configs, calib, progress, desc="causal"):
+        right = ref.reference_right(ref.score(model, w))
         chunks = P.batches(right, facts, batch_size)
         recs, abl, inj, cos = [], [], [], []
-        for chunk in tqdm(chunks, desc=f"causal {spec.method} {spec.bits}-bit", disable=not progress):
+        for chunk in tqdm(chunks, desc=f"causal {w.method} {w.bits}-bit", leave=False, disable=not progress):
             batch = P.encode(tok, chunk.prompt.tolist(), chunk.subject_end.tolist())
             answer = torch.tensor(chunk.answer_id.to_numpy())
             idx = {p: P.token_index(batch, p) for p in positions}
             rows = torch.arange(len(chunk))
-            fp = collect(model, batch, ("attn_out", "mlp_out", "resid"), arch=arch)
-            fp_run = Rerun(model, batch, arch)
-            p_fp = _answer_prob(fp_run.logits, answer)
+            fp = collect(model, batch, ("attn_out", "mlp_out", "resid"))
+            fp_run = Rerun(model, batch)
+            p_fp = answer_prob(fp_run.logits, answer)
             ident = {"fact": chunk.fact.to_numpy(), "template": chunk.template.to_numpy(),
                      "subset": chunk.subset.to_numpy()}
 
@@ -158,9 +151,9 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], cali
                 for cell, p in _sweep(fp_run, cells, zero_edits, answer).items():
                     abl.append(pd.DataFrame({**ident, "model": "fp", "layer": cell[0], "site": cell[1],
                                              "position": cell[2], "p_clean": p_fp.numpy(), "p_ablated": p.numpy()}))
-            with qw.applied(model):
-                q_run = Rerun(model, batch, arch)
-                p_q = _answer_prob(q_run.logits, answer)
+            with w.applied(model):
+                q_run = Rerun(model, batch)
+                p_q = answer_prob(q_run.logits, answer)
                 for cell, p in _sweep(q_run, cells, patch_edits, answer).items():
                     recs.append(pd.DataFrame({**ident, "layer": cell[0], "site": cell[1], "position": cell[2],
                                               "p_fp": p_fp.numpy(), "p_quant": p_q.numpy(), "p_patched": p.numpy()}))
@@ -171,7 +164,7 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], cali
                                                  "p_ablated": p.numpy()}))
                 if injection:
                     last = batch["input_ids"].shape[1] - 1
-                    q_resid = collect(model, batch, ("resid",), arch=arch, tokens=torch.full((len(chunk), 1), last))
+                    q_resid = collect(model, batch, ("resid",), tokens=torch.full((len(chunk), 1), last))
                     fp_last = [r[:, last] for r in fp["resid"]]
                     base = [torch.nn.functional.cosine_similarity(q_resid["resid"][j][:, 0], fp_last[j], dim=-1)
                             for j in range(n_layers)]
@@ -184,11 +177,11 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], cali
                                                    hidden_at=range(s - 1, n_layers))
                         inj.append(pd.DataFrame({**ident, "start_layer": s, "p_fp": p_fp.numpy(),
                                                  "p_quant": p_q.numpy(),
-                                                 "p_injected": _answer_prob(logits, answer)[0].numpy()}))
+                                                 "p_injected": answer_prob(logits, answer)[0].numpy()}))
                         for j, h in hidden.items():
                             c = torch.nn.functional.cosine_similarity(h[0].cpu(), fp_last[j], dim=-1)
                             cos.append({"start_layer": s, "layer": j, "cosine": float(c.mean()), "n": len(chunk)})
-        info = {"method": spec.method, "bits": spec.bits}
+        info = {"method": w.method, "bits": w.bits}
         prompts = pd.concat(recs, ignore_index=True)
         out["prompts"].append(prompts.assign(**info))
         out["patching"].append(_patching_rows(prompts, seed).assign(**info))
@@ -202,7 +195,6 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], cali
             c["weighted"] = c.cosine * c.n
             g = c.groupby(["start_layer", "layer"], as_index=False)[["weighted", "n"]].sum()
             out["cosine"].append(g.assign(cosine=g.weighted / g.n).drop(columns="weighted").assign(**info))
-        del qw
 
     def frame(key: str, first: list[str]) -> pd.DataFrame:
         if not out[key]:
@@ -264,11 +256,8 @@ def _injection_rows(inj: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 
 def save_causal(res: CausalResult, out: str | Path, meta: dict, title: str = "") -> None:
-    """Write ``patching.json`` (meta, ``rows`` = patching, and ``ablation``, ``ablation_similarity``,
-    ``injection``, ``injection_cosine``), ``patching.csv``, ``patching_prompts.csv`` and figures."""
-    from .io import records, write_csv
-    from .plots import ablation_figure, injection_figure, patching_figure
-
+    """Write ``causal.json`` (meta, ``rows`` = patching, and ``ablation``, ``ablation_similarity``,
+    ``injection``, ``injection_cosine``), ``causal.csv``, ``causal_prompts.csv`` and figures."""
     figures = {}
     for (m, b), g in res.patching.groupby(["method", "bits"], sort=False):
         figures[f"patching_{m}{b}"] = patching_figure(g, title=f"{title} {m.upper()} {b}-bit".strip())
@@ -278,8 +267,8 @@ def save_causal(res: CausalResult, out: str | Path, meta: dict, title: str = "")
         figures["injection"] = injection_figure(res.injection, res.injection_cosine, title=title)
     extra = {"ablation": records(res.ablation), "ablation_similarity": records(res.ablation_similarity),
              "injection": records(res.injection), "injection_cosine": records(res.injection_cosine)}
-    save_analysis(out, "patching", meta, res.patching, extra=extra, figures=figures)
-    write_csv(Path(out) / "patching_prompts.csv", res.prompts)
+    save_analysis(out, "causal", meta, res.patching, extra=extra, figures=figures)
+    write_csv(Path(out) / "causal_prompts.csv", res.prompts)
 
 
 # The paper's words as numbers: patching "restores the prediction" = at least half of the lost

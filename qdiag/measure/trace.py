@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .arch import Arch, resolve, unwrap
+from ..core.arch import Arch, resolve, unwrap
 
 KINDS = ("attn", "attn_out", "gate", "mlp_act", "mlp_out", "resid")  # in execution order within a layer
 
@@ -45,8 +45,7 @@ def _path(arch: Arch, kind: str, layer: int) -> str:
     if kind in ("attn", "attn_out"):
         return f"{arch.attn[layer]}.output"
     if kind == "gate":
-        w = arch.weights[layer]
-        return f"{arch.gate[layer] or w.get('up') or w['gate_up']}.output"
+        return f"{arch.gate_site(layer)[0]}.output"
     if kind == "mlp_act":
         return f"{arch.weights[layer]['down']}.input"
     if kind == "mlp_out":
@@ -56,13 +55,13 @@ def _path(arch: Arch, kind: str, layer: int) -> str:
 
 @torch.no_grad()
 def collect(model, batch: dict, what: tuple[str, ...] = KINDS, layers: list[int] | None = None,
-            arch: Arch | None = None, tokens: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:
+            tokens: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:
     """Run one traced forward on ``batch`` (input_ids, attention_mask, position_ids) and return
     ``{kind: [tensor per layer]}`` on the CPU, in float32; ``tokens`` keeps only those positions."""
     unknown = set(what) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown activation kinds {sorted(unknown)}; choose from {KINDS}")
-    arch = arch or resolve(model)
+    arch = resolve(model)
     layers = list(range(arch.n_layers)) if layers is None else layers
     order = [k for k in KINDS if k in what]
     saved: dict[str, list] = {k: [] for k in order}
@@ -80,7 +79,7 @@ def collect(model, batch: dict, what: tuple[str, ...] = KINDS, layers: list[int]
                         value = attn_output[1] if kind == "attn" else attn_output[0]
                     else:
                         value = model.get(path)
-                    if kind == "gate" and path == f"{arch.weights[i].get('gate_up')}.output":
+                    if kind == "gate" and arch.gate_site(i)[1]:
                         value = value[..., : value.shape[-1] // 2]  # phi3: [gate, up] fused
                     if tokens is not None:
                         value = (value.transpose(1, 2) if kind == "attn" else value)[rows, tokens]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import resolve, unwrap, weight_matrix
+from ..core.arch import resolve, unwrap, weight_matrix
 from .gptq import gptq
 from .plan import Plan
 from .quantize import QTensor, rtn

@@ -16,7 +16,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .arch import resolve
+from ..core import positions as P
+from ..core.arch import resolve
+from .readout import project
+from .trace import collect
 
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
 
@@ -29,10 +32,6 @@ def amplification_grid(model: nn.Module, table: pd.DataFrame, alphas: Sequence[f
     Rules: ``fixed`` (peak = ``layer``, each layer of the upper half but the last) and
     ``confident`` (per prompt, the upper-half layer with the highest top-1 probability; ``layer``
     -1). Run it inside ``qw.applied(model)`` to amplify a quantized model."""
-    from . import positions as P
-    from .lens import project
-    from .trace import collect
-
     arch = resolve(model)
     n = arch.n_layers
     upper = list(range(n // 2, n - 1))
@@ -43,8 +42,8 @@ def amplification_grid(model: nn.Module, table: pd.DataFrame, alphas: Sequence[f
         chunk = table.iloc[start : start + batch_size]
         batch = P.encode(model.tokenizer, chunk.prompt.tolist())
         last = torch.full((len(chunk), 1), batch["input_ids"].shape[1] - 1)
-        resid = collect(model, batch, ("resid",), layers=upper + [n - 1], arch=arch, tokens=last)["resid"]
-        logits = torch.stack([project(model, h[:, 0], arch=arch) for h in resid], 1).cpu()  # (B, U+1, V)
+        resid = collect(model, batch, ("resid",), layers=upper + [n - 1], tokens=last)["resid"]
+        logits = torch.stack([project(model, h[:, 0]) for h in resid], 1).cpu()  # (B, U+1, V)
         final, lens = logits[:, -1], logits[:, :-1]
         answer = torch.tensor(chunk.answer_id.to_numpy())
         confident = torch.softmax(lens, -1).amax(-1).argmax(1)  # (B,) index into upper

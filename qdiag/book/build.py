@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import _umask, atomic_write_bytes
+from ..core.io import _umask, atomic_write_bytes
 
 PACKAGES = ["qdiag", "torch", "transformers", "nnsight", "gguf", "papermill", "jupyter-book", "myst-nb",
             "matplotlib", "seaborn", "pandas", "numpy"]

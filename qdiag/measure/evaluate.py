@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import unwrap
-from .data import Fact
+from ..core.arch import unwrap
+from ..core.data import Fact
+from .readout import prob_and_rank
 
 
 @torch.no_grad()
@@ -40,6 +41,39 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_
         nll += loss.item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int = 512, batch_size: int = 4,
+                    seed: int = 0) -> dict:
+    """How close a configuration's next-token distributions are to the reference's on text: the
+    mean KL divergence ``KL(reference || configuration)`` per token and the share of tokens whose
+    top prediction agrees, with 95% bootstrap intervals over tokens, and ``kl_null``: the KL of a
+    uniform distribution from the reference (what an output that says nothing scores).
+    ``applied(model)`` is the context that runs the configuration (``Width.applied``). Windows as
+    in ``perplexity``."""
+    hf = unwrap(model)
+    n_windows = tokens.numel() // window
+    if n_windows == 0:
+        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {window}")
+    device = next(hf.parameters()).device
+    windows = tokens[: n_windows * window].reshape(n_windows, window)
+    kl, agree, kl_null = [], [], []
+    for start in range(0, n_windows, batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        ref = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits.float(), -1)
+        with applied(model):
+            q = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits.float(), -1)
+        p = ref.exp()
+        kl.append((p * (ref - q)).sum(-1).flatten().cpu())
+        kl_null.append((p * (ref + math.log(ref.shape[-1]))).sum(-1).flatten().cpu())
+        agree.append((ref.argmax(-1) == q.argmax(-1)).flatten().float().cpu())
+    kl, agree, kl_null = torch.cat(kl).numpy(), torch.cat(agree).numpy(), torch.cat(kl_null).numpy()
+    kl_lo, kl_hi = bootstrap_ci(kl, seed=seed)
+    a_lo, a_hi = bootstrap_ci(agree, seed=seed)
+    return {"kl": float(kl.mean()), "kl_lo": kl_lo, "kl_hi": kl_hi, "top1_agreement": float(agree.mean()),
+            "top1_agreement_lo": a_lo, "top1_agreement_hi": a_hi, "kl_null": float(kl_null.mean()),
+            "n_tokens": int(kl.size)}
 
 
 def answer_token(tokenizer, obj: str) -> int:
@@ -84,10 +118,9 @@ def score_prompts(model: nn.Module, tokenizer, table: pd.DataFrame, batch_size: 
         idx = order[start : start + batch_size]
         batch = encode_prompts(tokenizer, table.prompt.iloc[idx].tolist(), device)
         logits = hf(**batch, use_cache=False).logits[:, -1].float()
-        answer = torch.tensor(table.answer_id.iloc[idx].to_numpy(), device=device)
-        target = logits.gather(1, answer[:, None])
-        ranks.append((1 + (logits > target).sum(1)).cpu())
-        probs.append(torch.softmax(logits, -1).gather(1, answer[:, None])[:, 0].cpu())
+        prob, rank = prob_and_rank(logits, torch.tensor(table.answer_id.iloc[idx].to_numpy()))
+        ranks.append(rank.cpu())
+        probs.append(prob.cpu())
         preds.append(logits.argmax(-1).cpu())
     inv = np.argsort(order)
     out = table.copy()
@@ -168,6 +201,18 @@ def reference_right(table: pd.DataFrame, fp: pd.DataFrame, quant: pd.DataFrame) 
         raise ValueError(f"the reference answers none of the {len(table)} prompts correctly, so there is nothing "
                          "to recover or to lose; use more facts (--facts) or a larger model")
     return right
+
+
+def subset_accuracy(scored: pd.DataFrame, subset: pd.DataFrame, seed: int = 0) -> dict:
+    """Share right on the Robust and on the Failure prompts, with 95% bootstrap intervals."""
+    d = scored.merge(subset, on=["fact", "template"])
+    out = {}
+    for name in ("robust", "failure"):
+        v = d[d.subset == name].correct.to_numpy(dtype=float)
+        lo, hi = bootstrap_ci(v, seed=seed)
+        out.update({f"{name}_acc": float(v.mean()) if v.size else float("nan"), f"{name}_acc_lo": lo,
+                    f"{name}_acc_hi": hi, f"n_{name}": int(v.size)})
+    return out
 
 
 @torch.no_grad()

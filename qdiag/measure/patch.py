@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import Arch, resolve, unwrap
-from .lens import project
+from ..core.arch import Arch, resolve, unwrap
+from .readout import project
 
 SITES = ("resid", "attn", "mlp")
 
@@ -63,10 +63,10 @@ def site_module(arch: Arch, layer: int, site: str) -> str:
 
 
 @torch.no_grad()
-def patch_nnsight(model, batch: dict, edits: Sequence[Edit], arch: Arch | None = None) -> torch.Tensor:
+def patch_nnsight(model, batch: dict, edits: Sequence[Edit]) -> torch.Tensor:
     """Logits ``(batch, vocab)`` at the last token, with ``edits`` written in during one nnsight
     trace of the whole model."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     order = {s: i for i, s in enumerate(("attn", "mlp", "resid"))}  # execution order within a layer
     edits = sorted(edits, key=lambda e: (e.layer, order[e.site]))
@@ -88,9 +88,9 @@ class Rerun:
     Holds, per layer, the hidden states it received and its other arguments (masks, position
     embeddings), for one batch; ``logits`` is the unedited output at the last token."""
 
-    def __init__(self, model, batch: dict, arch: Arch | None = None) -> None:
+    def __init__(self, model, batch: dict) -> None:
         self.hf = unwrap(model)
-        self.arch = arch or resolve(model)
+        self.arch = resolve(model)
         self.layers = [self.hf.get_submodule(p) for p in self.arch.layers]
         self.inputs: list[torch.Tensor] = []
         self.args: list[tuple] = []
@@ -160,7 +160,7 @@ class Rerun:
                 saved[layer] = hidden[:, -1].reshape(v, b, -1).float()
         if hidden is None:
             return self.logits.expand(v, *self.logits.shape).clone(), saved
-        logits = project(self.hf, hidden[:, -1], arch=self.arch)
+        logits = project(self.hf, hidden[:, -1])
         return logits.reshape(v, b, -1), saved
 
 

@@ -5,6 +5,7 @@ Sites are data, not code paths: adding a family means adding a row to ``FAMILIES
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,17 @@ class Arch:
     def weight_types(self) -> list[str]:
         return list(self.weights[0])
 
+    def gate_site(self, layer: int) -> tuple[str, bool]:
+        """The module whose output holds layer ``layer``'s gate pre-activations, and whether that
+        output is fused as ``[gate, up]`` (phi3; the gate is its first half). Families without a
+        gated MLP (gpt2, gpt_neox) give their first MLP projection, whose output the activation reads."""
+        w = self.weights[layer]
+        if self.gate[layer]:
+            return self.gate[layer], False
+        if "gate_up" in w:
+            return w["gate_up"], True
+        return w["up"], False
+
     def linear_names(self, layers: list[int] | None = None) -> list[str]:
         """Names of the decoder-layer weight matrices, in execution order (the quantizable set)."""
         idx = range(self.n_layers) if layers is None else layers
@@ -141,9 +153,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner
 
 
+# The architecture travels with the model: resolved once per module object, then looked up.
+_RESOLVED: weakref.WeakKeyDictionary[nn.Module, Arch] = weakref.WeakKeyDictionary()
+
+
 def resolve(model: nn.Module) -> Arch:
-    """Look up the model's family in ``FAMILIES`` and check that every path exists."""
+    """The model's ``Arch``: its family's row of ``FAMILIES``, every path checked against the
+    module tree on the first call, then kept with the model."""
     model = unwrap(model)
+    arch = _RESOLVED.get(model)
+    if arch is None:
+        arch = _RESOLVED[model] = _resolve(model)
+    return arch
+
+
+def _resolve(model: nn.Module) -> Arch:
     family = model_type(model)
     if family not in FAMILIES:
         raise UnsupportedModelError(

@@ -41,28 +41,57 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
+def sign_flips(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per row of ``(..., d)``, the share of entries whose sign differs; exact zeros count as positive."""
+    return ((ref >= 0) != (other >= 0)).float().mean(-1)
+
+
 def sign_flip_rate(ref: torch.Tensor, other: torch.Tensor) -> float:
     """Share of entries whose sign differs (e.g. MLP gate pre-activations, FP vs quantized);
     exact zeros count as positive."""
     return float(((ref >= 0) != (other >= 0)).float().mean())
 
 
-def topk_jaccard(ref: torch.Tensor, other: torch.Tensor, fraction: float = 0.01) -> float:
-    """Mean over rows (tokens) of the Jaccard overlap of the ``fraction`` most activated features
-    (by value) of ``ref`` and of ``other``; both ``(n, d)``."""
+def topk_overlap(ref: torch.Tensor, other: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
+    """Per row of ``(..., d)``, the Jaccard overlap of the ``fraction`` most activated features (by
+    value) of ``ref`` and of ``other``."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     k = max(1, math.ceil(fraction * ref.shape[-1]))
     a = torch.zeros_like(ref, dtype=torch.bool).scatter_(-1, ref.topk(k, dim=-1).indices, True)
     b = torch.zeros_like(other, dtype=torch.bool).scatter_(-1, other.topk(k, dim=-1).indices, True)
-    inter = (a & b).sum(-1).float()
-    union = (a | b).sum(-1).float()
-    return float((inter / union).mean())
+    return (a & b).sum(-1).float() / (a | b).sum(-1).float()
+
+
+def topk_jaccard(ref: torch.Tensor, other: torch.Tensor, fraction: float = 0.01) -> float:
+    """Mean over rows (tokens) of the Jaccard overlap of the ``fraction`` most activated features
+    (by value) of ``ref`` and of ``other``; both ``(n, d)``."""
+    return float(topk_overlap(ref, other, fraction).mean())
+
+
+def chance_jaccard(d: int, fraction: float = 0.01) -> float:
+    """Expected Jaccard overlap of two independent random sets of ``ceil(fraction * d)`` of ``d``
+    features: what ``topk_jaccard`` gives when the two rankings are unrelated."""
+    k = max(1, math.ceil(fraction * d))
+    inter = k * k / d  # hypergeometric mean of the intersection
+    return inter / (2 * k - inter)
+
+
+def cosines(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per row of ``(..., d)``, the cosine similarity of ``ref`` and ``other``."""
+    return torch.nn.functional.cosine_similarity(ref.float(), other.float(), dim=-1, eps=_EPS)
 
 
 def mean_cosine(ref: torch.Tensor, other: torch.Tensor) -> float:
     """Mean over rows of the cosine similarity of ``ref`` and ``other`` ``(n, d)``."""
-    return float(torch.nn.functional.cosine_similarity(ref.float(), other.float(), dim=-1, eps=_EPS).mean())
+    return float(cosines(ref, other).mean())
+
+
+def uniform_like(attn: torch.Tensor) -> torch.Tensor:
+    """Attention spread evenly over the keys ``attn`` can see (its nonzero entries: masked keys get
+    exactly 0 after the softmax), same shape: what a head that no longer focuses computes."""
+    support = (attn > 0).float()
+    return support / support.sum(-1, keepdim=True).clamp_min(1)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

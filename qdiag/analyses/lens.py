@@ -11,59 +11,36 @@ Families that soft-cap their logits (gemma2/3) are soft-capped here too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from . import evaluate as ev
-from . import positions as P
-from .arch import Arch, resolve, unwrap
-from .data import Fact
-from .plan import check_specs, uniform_plan
-from .quantize import QuantSpec
-from .swap import quantize_model
-from .trace import collect
-
-
-def project(model: nn.Module, hidden: torch.Tensor, final_norm: bool = True, arch: Arch | None = None) -> torch.Tensor:
-    """Logits of ``hidden (..., d_model)`` as if it were the last layer's output: ``(..., vocab)``,
-    on the unembedding's device (``hidden`` is moved there, in the model's dtype)."""
-    hf = unwrap(model)
-    arch = arch or resolve(hf)
-    unembed = hf.get_submodule(arch.unembed)
-    hidden = hidden.to(unembed.weight.device, unembed.weight.dtype)
-    h = hf.get_submodule(arch.final_norm)(hidden) if final_norm else hidden
-    logits = unembed(h).float()
-    cap = getattr(getattr(hf.config, "text_config", None) or hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def prob_and_rank(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probability and rank (1 = top) of ``answer`` under ``logits (..., vocab)``; ``answer (...)``."""
-    target = logits.gather(-1, answer[..., None])
-    rank = 1 + (logits > target).sum(-1)
-    prob = torch.softmax(logits, -1).gather(-1, answer[..., None])[..., 0]
-    return prob, rank
+from ..core import positions as P
+from ..core.arch import unwrap
+from ..core.data import Fact
+from ..core.io import save_analysis, write_csv
+from ..measure import evaluate as ev
+from ..measure.readout import TOP_K, prob_and_rank, project
+from ..measure.trace import collect
+from ..measure.widths import Reference, Width, each_width
+from ..quant.quantize import QuantSpec
+from ..report.plots import lens_figure
 
 
 @torch.no_grad()
-def logit_lens(model, batch: dict, answer: torch.Tensor, final_norm: bool = True,
-               arch: Arch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_lens(model, batch: dict, answer: torch.Tensor, final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Probability and rank of each prompt's ``answer`` token at every layer, read at the last
     token: two ``(batch, layers)`` tensors."""
-    arch = arch or resolve(model)
     last = torch.full((batch["input_ids"].shape[0], 1), batch["input_ids"].shape[1] - 1)
-    resid = collect(model, batch, ("resid",), arch=arch, tokens=last)["resid"]
+    resid = collect(model, batch, ("resid",), tokens=last)["resid"]
     dtype = next(unwrap(model).parameters()).dtype
     device = next(unwrap(model).parameters()).device
     probs, ranks = [], []
     for h in resid:
-        logits = project(model, h[:, 0].to(device, dtype), final_norm, arch)
+        logits = project(model, h[:, 0].to(device, dtype), final_norm)
         p, r = prob_and_rank(logits, answer.to(device))
         probs.append(p.cpu())
         ranks.append(r.cpu())
@@ -80,12 +57,11 @@ class LensResult:
     prompts: pd.DataFrame
 
 
-def _lens_all(model, chunks: list[pd.DataFrame], final_norm: bool, arch: Arch, progress: bool,
-              desc: str) -> pd.DataFrame:
+def _lens_all(model, chunks: list[pd.DataFrame], final_norm: bool, progress: bool, desc: str) -> pd.DataFrame:
     out = []
     for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
         batch = P.encode(model.tokenizer, chunk.prompt.tolist())
-        prob, rank = logit_lens(model, batch, torch.tensor(chunk.answer_id.to_numpy()), final_norm, arch)
+        prob, rank = logit_lens(model, batch, torch.tensor(chunk.answer_id.to_numpy()), final_norm)
         n, n_layers = prob.shape
         out.append(pd.DataFrame({"fact": np.repeat(chunk.fact.to_numpy(), n_layers),
                                  "template": np.repeat(chunk.template.to_numpy(), n_layers),
@@ -105,56 +81,39 @@ def summarize(per_prompt: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_lens(model, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tensor | None = None,
+def run_lens(model, facts: list[Fact], specs: list[QuantSpec | Width], calib: torch.Tensor | None = None,
              final_norm: bool = True, batch_size: int = 16, seed: int = 0, progress: bool = True) -> LensResult:
     """The logit lens of the reference and of each configuration, on each configuration's Robust
     and Failure subsets (and on all prompts). Subsets come from the output's greedy answer."""
-    tok = model.tokenizer
-    arch = resolve(model)
-    check_specs(model, specs, arch)
-    table = ev.prompt_table(facts, tok)
-    chunks = P.batches(table, facts, batch_size)
+    ref = Reference(model, facts, progress=progress)
+    chunks = P.batches(ref.table, facts, batch_size)
     key = ["fact", "template"]
-    fp_scored = ev.score_prompts(model, tok, table, progress=progress)
-    fp_lens = _lens_all(model, chunks, final_norm, arch, progress, "logit lens fp")
+    fp_lens = _lens_all(model, chunks, final_norm, progress, "logit lens fp")
     rows, prompts = [], []
-    for spec in tqdm(specs, desc="logit lens", disable=not progress):
-        method = "fp" if spec.is_full_precision else spec.method
-        if spec.is_full_precision:
-            scored, q_lens = fp_scored, fp_lens
+    for w in each_width(model, specs, calib, progress, desc="logit lens"):
+        if w.is_reference:
+            scored, q_lens = ref.scored, fp_lens
         else:
-            qw = quantize_model(model, uniform_plan(model, spec, arch=arch), calib, progress=progress)
-            with qw.applied(model):
-                scored = ev.score_prompts(model, tok, table, progress=progress)
-                q_lens = _lens_all(model, chunks, final_norm, arch, progress, f"logit lens {method} {spec.bits}-bit")
-            del qw
-        subset = ev.subsets(fp_scored, scored).reset_index()
-        models = {"fp": fp_lens} if spec.is_full_precision else {"fp": fp_lens, "quantized": q_lens}
+            with w.applied(model):
+                scored = ev.score_prompts(model, model.tokenizer, ref.table, progress=progress)
+                q_lens = _lens_all(model, chunks, final_norm, progress, f"logit lens {w.method} {w.bits}-bit")
+        subset = ref.subsets(scored)
+        models = {"fp": fp_lens} if w.is_reference else {"fp": fp_lens, "quantized": q_lens}
         for name, lens_rows in models.items():
             d = lens_rows.merge(subset, on=key)
             for sub, g in [("robust", d[d.subset == "robust"]), ("failure", d[d.subset == "failure"]), ("all", d)]:
                 if len(g):
-                    rows.append(summarize(g, seed).assign(method=method, bits=spec.bits, model=name, subset=sub))
-        prompts.append(q_lens.merge(subset, on=key).assign(method=method, bits=spec.bits))
+                    rows.append(summarize(g, seed).assign(method=w.method, bits=w.bits, model=name, subset=sub))
+        prompts.append(q_lens.merge(subset, on=key).assign(method=w.method, bits=w.bits))
     cols = ["method", "bits", "model", "subset", "layer", "prob", "prob_lo", "prob_hi", "rank", "rank_lo",
             "rank_hi", "n"]
     return LensResult(pd.concat(rows, ignore_index=True)[cols], pd.concat(prompts, ignore_index=True))
 
 
 def save_lens(res: LensResult, out, meta: dict, title: str = "") -> None:
-    """Write ``logit_lens.json`` (meta, rows), ``logit_lens.csv``, ``logit_lens_prompts.csv`` and
-    ``logit_lens.png``."""
-    from pathlib import Path
-
-    from .io import save_analysis, write_csv
-    from .plots import lens_figure
-
-    save_analysis(out, "logit_lens", meta, res.rows, figures={"logit_lens": lens_figure(res.rows, title)})
-    write_csv(Path(out) / "logit_lens_prompts.csv", res.prompts)
-
-
-# As in the cliff chapter: an answer within the top 5 is "present" (cliff.TOP_K).
-TOP_K = 5
+    """Write ``lens.json`` (meta, rows), ``lens.csv``, ``lens_prompts.csv`` and ``lens.png``."""
+    save_analysis(out, "lens", meta, res.rows, figures={"lens": lens_figure(res.rows, title)})
+    write_csv(Path(out) / "lens_prompts.csv", res.prompts)
 
 
 def findings(rows: pd.DataFrame, method: str) -> dict:

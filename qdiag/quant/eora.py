@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import Arch, resolve, unwrap, weight_matrix
+from ..core.arch import resolve, unwrap, weight_matrix
+from .calibrate import input_moments
 from .plan import Plan
 from .quantize import QTensor, QuantSpec, bits_per_weight
 from .swap import QuantizedWeights
@@ -67,8 +68,6 @@ def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ran
     ``budget_bytes`` of them are held (default: a quarter of the model's weight bytes, at least
     1 GiB); each group of layers costs one calibration pass. One SVD per matrix serves every rank.
     """
-    from .calibrate import input_moments
-
     if calib is None or calib.numel() == 0:
         raise ValueError("EoRA needs calibration tokens (its eigenspace comes from calibration inputs)")
     if not ranks or min(ranks) < 1:
@@ -110,9 +109,9 @@ def _correct(hf: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tenso
             corrected[r][name] = LowRank(q, B[:, :k].float().contiguous(), A[:k].float().contiguous())
 
 
-def eora_avg_bits(model: nn.Module, plan: Plan, rank: int, arch: Arch | None = None) -> float:
+def eora_avg_bits(model: nn.Module, plan: Plan, rank: int) -> float:
     """Average bits of a plan plus 16-bit rank-r factors on every planned matrix."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     hf = unwrap(model)
     total_bits = total = 0.0
     for name in arch.linear_names():

@@ -27,27 +27,29 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import evaluate as ev
-from .arch import Arch, resolve
-from .data import Fact
-from .plan import Plan, avg_bits, uniform_plan
-from .quantize import QuantSpec
-from .swap import QuantizedWeights, quantize_model
+from ..core.arch import resolve
+from ..core.data import Fact
+from ..core.io import save_analysis
+from ..measure import evaluate as ev
+from ..measure.widths import Reference, check_configs, each_width, quantized_only
+from ..quant.plan import Plan, avg_bits, uniform_plan
+from ..quant.quantize import QuantSpec
+from ..quant.swap import QuantizedWeights
+from ..report.plots import sensitivity_figure
 
 SCOPES = ("layer", "weight_type", "prefix")
 
 
-def sensitivity_plans(model: nn.Module, spec: QuantSpec, scope: str,
-                      arch: Arch | None = None) -> list[tuple[str, Plan]]:
+def sensitivity_plans(model: nn.Module, spec: QuantSpec, scope: str) -> list[tuple[str, Plan]]:
     """``(target, plan)`` per configuration of a scope: ``layer`` -> "0", "1", ...; ``weight_type``
     -> "q", "k", ...; ``prefix`` -> "0-0", "0-1", ... (layers 0..k)."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     if scope == "layer":
-        return [(str(i), uniform_plan(model, spec, layers=[i], arch=arch)) for i in range(arch.n_layers)]
+        return [(str(i), uniform_plan(model, spec, layers=[i])) for i in range(arch.n_layers)]
     if scope == "weight_type":
-        return [(t, uniform_plan(model, spec, weight_types=[t], arch=arch)) for t in arch.weight_types]
+        return [(t, uniform_plan(model, spec, weight_types=[t])) for t in arch.weight_types]
     if scope == "prefix":
-        return [(f"0-{k}", uniform_plan(model, spec, layers=range(k + 1), arch=arch)) for k in range(arch.n_layers)]
+        return [(f"0-{k}", uniform_plan(model, spec, layers=range(k + 1))) for k in range(arch.n_layers)]
     raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
 
 
@@ -59,49 +61,40 @@ class SensitivityResult:
     prompts: pd.DataFrame
 
 
-def subset_accuracy(scored: pd.DataFrame, subset: pd.DataFrame, seed: int = 0) -> dict:
-    """Share right on the Robust and on the Failure prompts, with 95% bootstrap intervals."""
-    d = scored.merge(subset, on=["fact", "template"])
-    out = {}
-    for name in ("robust", "failure"):
-        v = d[d.subset == name].correct.to_numpy(dtype=float)
-        lo, hi = ev.bootstrap_ci(v, seed=seed)
-        out.update({f"{name}_acc": float(v.mean()) if v.size else float("nan"), f"{name}_acc_lo": lo,
-                    f"{name}_acc_hi": hi, f"n_{name}": int(v.size)})
-    return out
-
-
-def run_sensitivity(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torch.Tensor | None = None,
-                    scopes: Sequence[str] = SCOPES, ppl_tokens: torch.Tensor | None = None, ppl_window: int = 512,
-                    seed: int = 0, progress: bool = True) -> SensitivityResult:
-    """Every configuration of the scopes, plus ``none`` (the reference) and ``all`` (every layer)."""
-    if spec.is_full_precision:
-        raise ValueError("sensitivity needs a quantized width (16 bits quantizes nothing)")
+def check(scopes: Sequence[str]) -> None:
+    """Raise on scopes the sweep does not know."""
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
         raise ValueError(f"unknown scopes {bad or list(scopes)}; choose from {', '.join(SCOPES)}")
-    tok = model.tokenizer
-    arch = resolve(model)
-    configs = [("none", "-", {}), ("all", "all", uniform_plan(model, spec, arch=arch))]
-    for scope in scopes:
-        configs += [(scope, target, plan) for target, plan in sensitivity_plans(model, spec, scope, arch)]
-    full = quantize_model(model, configs[1][2], calib, progress=progress)
-    table = ev.prompt_table(facts, tok)
-    fp_scored = ev.score_prompts(model, tok, table)
-    with full.applied(model):
-        q_scored = ev.score_prompts(model, tok, table)
-    right = ev.reference_right(table, fp_scored, q_scored)
-    subset = right[["fact", "template", "subset"]]
-    right = right.drop(columns="subset")
+
+
+def run_sensitivity(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tensor | None = None,
+                    scopes: Sequence[str] = SCOPES, ppl_tokens: torch.Tensor | None = None, ppl_window: int = 512,
+                    seed: int = 0, progress: bool = True) -> SensitivityResult:
+    """For each quantized spec, every configuration of the scopes, plus ``none`` (the reference)
+    and ``all`` (every layer); full-precision specs are skipped."""
+    check(scopes)
+    specs = check_configs(model, quantized_only(specs))
+    ref = Reference(model, facts)
     rows, prompts = [], []
-    for scope, target, plan in tqdm(configs, desc=f"sensitivity {spec.method} {spec.bits}-bit", disable=not progress):
-        qw = QuantizedWeights(plan, {n: full.tensors[n] for n in plan}) if plan else None
-        with qw.applied(model) if qw else nullcontext():
-            scored = ev.score_prompts(model, tok, right)
-            ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
-        rows.append({"scope": scope, "target": target, "method": spec.method, "bits": spec.bits,
-                     "avg_bits": avg_bits(model, plan, arch), "ppl": ppl, **subset_accuracy(scored, subset, seed)})
-        prompts.append(scored[["fact", "template", "correct"]].assign(scope=scope, target=target))
+    for w in each_width(model, specs, calib, progress=progress, desc="sensitivity"):
+        spec = QuantSpec(w.bits, w.group_size, w.sym, w.method)
+        configs = [("none", "-", {}), ("all", "all", w.plan)]
+        for scope in scopes:
+            configs += [(scope, target, plan) for target, plan in sensitivity_plans(model, spec, scope)]
+        right = ref.reference_right(ref.score(model, w))
+        subset = right[["fact", "template", "subset"]]
+        right = right.drop(columns="subset")
+        for scope, target, plan in tqdm(configs, desc=f"sensitivity {w.method} {w.bits}-bit", disable=not progress,
+                                        leave=False):
+            qw = QuantizedWeights(plan, {n: w.weights.tensors[n] for n in plan}) if plan else None
+            with qw.applied(model) if qw else nullcontext():
+                scored = ev.score_prompts(model, model.tokenizer, right)
+                ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
+            rows.append({"scope": scope, "target": target, "method": w.method, "bits": w.bits,
+                         "avg_bits": avg_bits(model, plan), "ppl": ppl, **ev.subset_accuracy(scored, subset, seed)})
+            prompts.append(scored[["fact", "template", "correct"]].assign(method=w.method, bits=w.bits, scope=scope,
+                                                                       target=target))
     return SensitivityResult(pd.DataFrame(rows), pd.concat(prompts, ignore_index=True))
 
 
@@ -129,9 +122,6 @@ def first_domino(rows: pd.DataFrame) -> dict:
 
 def save_sensitivity(res: SensitivityResult, out: str | Path, meta: dict, title: str = "") -> None:
     """Write ``sensitivity.json`` (meta, rows, first_domino), ``sensitivity.csv`` and a figure."""
-    from .io import save_analysis
-    from .plots import sensitivity_figure
-
     save_analysis(out, "sensitivity", meta, res.rows, extra={"first_domino": first_domino(res.rows)},
                   figures={"sensitivity": sensitivity_figure(res.rows, title)})
 

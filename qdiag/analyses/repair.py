@@ -16,28 +16,37 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .amplify import ALPHAS, amplification_grid, choose_amplification
-from .arch import Arch, resolve, unwrap, weight_matrix
-from .data import Fact
-from .eora import eora, eora_avg_bits
-from .plan import Plan, avg_bits, uniform_plan
-from .quantize import QuantSpec
-from .swap import QuantizedWeights
+from ..core import positions as P
+from ..core.arch import resolve, unwrap, weight_matrix
+from ..core.data import Fact
+from ..core.io import save_analysis
+from ..measure import evaluate as ev
+from ..measure.amplify import ALPHAS, amplification_grid, choose_amplification
+from ..measure.patch import Edit, Rerun
+from ..measure.trace import collect
+from ..measure.widths import Reference, Width, check_configs, each_width, quantized_only
+from ..quant.eora import eora, eora_avg_bits
+from ..quant.plan import Plan, avg_bits, uniform_plan
+from ..quant.quantize import QuantSpec
+from ..quant.quantizer import quantize_model, requantize
+from ..quant.swap import QuantizedWeights
+from ..report.plots import pareto_figure
 
 
-def protect_first(model: nn.Module, spec: QuantSpec, k: int, high_bits: int = 8,
-                  arch: Arch | None = None) -> Plan:
+def protect_first(model: nn.Module, spec: QuantSpec, k: int, high_bits: int = 8) -> Plan:
     """``spec`` everywhere, except layers ``0..k-1`` at ``high_bits`` (same group size)."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     if not 0 <= k <= arch.n_layers:
         raise ValueError(f"k must be in 0..{arch.n_layers}, got {k}")
-    plan = uniform_plan(model, spec, arch=arch)
+    plan = uniform_plan(model, spec)
     high = QuantSpec(high_bits, spec.group_size, spec.sym, spec.method)
     plan.update({n: high for n in arch.linear_names(list(range(k)))})
     return plan
@@ -54,10 +63,10 @@ def excess_kurtosis(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return m4 / m2.pow(2) - 3
 
 
-def kurtosis_table(model: nn.Module, arch: Arch | None = None) -> pd.DataFrame:
+def kurtosis_table(model: nn.Module) -> pd.DataFrame:
     """Per decoder weight matrix: ``layer``, ``weight_type``, ``kurtosis`` (whole matrix) and
     ``max_channel_kurtosis`` (its most outlier-heavy output row)."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     hf = unwrap(model)
     rows = []
     for i, types in enumerate(arch.weights):
@@ -69,14 +78,13 @@ def kurtosis_table(model: nn.Module, arch: Arch | None = None) -> pd.DataFrame:
 
 
 def protect_kurtosis(model: nn.Module, spec: QuantSpec, threshold: float, granularity: str = "matrix",
-                     high_bits: int = 8, table: pd.DataFrame | None = None, arch: Arch | None = None) -> Plan:
+                     high_bits: int = 8, table: pd.DataFrame | None = None) -> Plan:
     """``spec`` everywhere, except matrices whose kurtosis (see ``granularity``) exceeds ``threshold``."""
     column = {"matrix": "kurtosis", "channel": "max_channel_kurtosis"}.get(granularity)
     if column is None:
         raise ValueError(f"granularity must be 'matrix' or 'channel', got {granularity!r}")
-    arch = arch or resolve(model)
-    table = kurtosis_table(model, arch) if table is None else table
-    plan = uniform_plan(model, spec, arch=arch)
+    table = kurtosis_table(model) if table is None else table
+    plan = uniform_plan(model, spec)
     high = QuantSpec(high_bits, spec.group_size, spec.sym, spec.method)
     plan.update({n: high for n in table.module[table[column] > threshold]})
     return plan
@@ -94,11 +102,11 @@ def threshold_for_share(table: pd.DataFrame, share: float, granularity: str = "m
 GROUP_CANDIDATES = (256, 128, 96, 64, 48, 32, 16)
 
 
-def matching_uniform(model: nn.Module, spec: QuantSpec, target_bits: float, arch: Arch | None = None,
+def matching_uniform(model: nn.Module, spec: QuantSpec, target_bits: float,
                      candidates: Sequence[int] = GROUP_CANDIDATES) -> tuple[QuantSpec, float]:
     """The uniform ``spec`` with the group size (from ``candidates``, ones that fit every layer)
     whose average bits are closest to ``target_bits``, and those bits."""
-    arch = arch or resolve(model)
+    arch = resolve(model)
     hf = unwrap(model)
     smallest = min(weight_matrix(hf.get_submodule(n)).shape[1] for n in arch.linear_names())
     best = None
@@ -106,7 +114,7 @@ def matching_uniform(model: nn.Module, spec: QuantSpec, target_bits: float, arch
         if g > smallest:
             continue
         s = QuantSpec(spec.bits, g, spec.sym, spec.method)
-        bits = avg_bits(model, uniform_plan(model, s, arch=arch), arch)
+        bits = avg_bits(model, uniform_plan(model, s))
         if best is None or abs(bits - target_bits) < abs(best[1] - target_bits):
             best = (s, bits)
     if best is None:
@@ -138,52 +146,53 @@ class RepairResult:
     average bits (``baseline_*``)."""
 
     rows: pd.DataFrame
-    choice: dict  # what amplification chose, and on which facts
+    choice: list[dict]  # per width: what amplification chose, and on which facts
     held_out_facts: list[str]
     scored_facts: list[str]
 
 
-def _overrides(model: nn.Module, base: QuantizedWeights, plan: Plan) -> QuantizedWeights:
-    """``base`` with the matrices whose spec ``plan`` changes re-quantized by RTN at the new spec
-    (protected matrices are 8-bit, where RTN and GPTQ agree to a fraction of a percent)."""
-    from .quantize import rtn
-
-    hf = unwrap(model)
-    tensors = dict(base.tensors)
-    for name, spec in plan.items():
-        if base.plan.get(name) != spec:
-            tensors[name] = rtn(weight_matrix(hf.get_submodule(name)).detach(), spec)
-    return QuantizedWeights(plan, tensors, base.seconds)
+def check(eora_ranks: Sequence[int], held_out: float, inject_layer: int | None = None) -> None:
+    """Raise on repair options that cannot run (before any work)."""
+    if any(r < 1 for r in eora_ranks):
+        raise ValueError("EoRA ranks must be at least 1")
+    if not 0 < held_out < 1:
+        raise ValueError(f"held_out must be in (0, 1), got {held_out}")
+    if inject_layer is not None and inject_layer < 1:
+        raise ValueError(f"inject_layer must be at least 1, got {inject_layer}")
 
 
-def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torch.Tensor | None = None,
+def run_repair(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tensor | None = None,
                ppl_tokens: torch.Tensor | None = None, ppl_window: int = 512, protect_k: Sequence[int] = (1, 2),
                kurtosis_thresholds: Sequence[float] = (), granularity: str = "matrix",
                eora_ranks: Sequence[int] = (), alphas: Sequence[float] = ALPHAS, inject_layer: int | None = None,
                held_out: float = 0.5, seed: int = 0, progress: bool = True) -> RepairResult:
-    """Each repair of ``spec``'s quantized model, its Failure / Robust accuracy on the scored facts
-    and its perplexity, next to uniform quantization at the same average bits."""
-    from contextlib import nullcontext
-
-    from tqdm.auto import tqdm
-
-    from . import evaluate as ev
-    from .sensitivity import subset_accuracy
-    from .swap import quantize_model
-
-    if spec.is_full_precision:
-        raise ValueError("repairs need a quantized width (16 bits quantizes nothing)")
-    tok = model.tokenizer
-    arch = resolve(model)
-    table = ev.prompt_table(facts, tok)
+    """For each quantized spec, each repair of its quantized model, its Failure / Robust accuracy on
+    the scored facts and its perplexity, next to uniform quantization at the same average bits.
+    Full-precision specs are skipped."""
+    check(eora_ranks, held_out, inject_layer)
+    specs = check_configs(model, quantized_only(specs))
     choose, score = split_facts(facts, held_out, seed)
+    ref = Reference(model, facts)
+    rows, choices = [], []
+    for w in each_width(model, specs, calib, progress, desc="repair"):
+        out, choice = _repair_width(model, ref, w, choose, score, calib, ppl_tokens, ppl_window, protect_k,
+                                    kurtosis_thresholds, granularity, eora_ranks, alphas, inject_layer, seed, progress)
+        rows.append(out)
+        choices.append({"method": w.method, "bits": w.bits, **choice})
+    return RepairResult(pd.concat(rows, ignore_index=True), choices, sorted({f.id for f in choose}),
+                        sorted({f.id for f in score}))
+
+
+def _repair_width(model: nn.Module, ref: Reference, w: Width, choose: list[Fact], score: list[Fact],
+                  calib: torch.Tensor | None, ppl_tokens: torch.Tensor | None, ppl_window: int,
+                  protect_k: Sequence[int], kurtosis_thresholds: Sequence[float], granularity: str,
+                  eora_ranks: Sequence[int], alphas: Sequence[float], inject_layer: int | None, seed: int,
+                  progress: bool) -> tuple[pd.DataFrame, dict]:
+    tok = model.tokenizer
+    spec = QuantSpec(w.bits, w.group_size, w.sym, w.method)
     score_ids = {f.id for f in score}
-    plain_plan = uniform_plan(model, spec, arch=arch)
-    plain = quantize_model(model, plain_plan, calib, progress=progress)
-    fp_scored = ev.score_prompts(model, tok, table)
-    with plain.applied(model):
-        q_scored = ev.score_prompts(model, tok, table)
-    right = ev.reference_right(table, fp_scored, q_scored)
+    plain_plan, plain = w.plan, w.weights
+    right = ref.reference_right(ref.score(model, w))
     subset = right[["fact", "template", "subset"]]
     right = right.drop(columns="subset")
     scored_right = right[right.fact.isin(score_ids)]
@@ -199,41 +208,42 @@ def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torc
                 pick = grid[(grid.rule == amplify["rule"]) & (grid.layer == amplify["layer"])]
                 scored = pick[["fact", "template", "correct"]]
             ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
-        return {"ppl": ppl, **subset_accuracy(scored, subset, seed)}
+        return {"ppl": ppl, **ev.subset_accuracy(scored, subset, seed)}
 
     baselines: dict[int | None, dict] = {}
 
     def baseline(bits: float) -> dict:
-        match, match_bits = matching_uniform(model, spec, bits, arch)
+        match, match_bits = matching_uniform(model, spec, bits)
         if match.group_size not in baselines:
-            qw = plain if match == spec else quantize_model(model, uniform_plan(model, match, arch=arch), calib,
+            qw = plain if match == spec else quantize_model(model, uniform_plan(model, match), calib,
                                                             progress=progress)
             baselines[match.group_size] = {"baseline_group_size": match.group_size, "baseline_avg_bits": match_bits,
                                            **{f"baseline_{k}": v for k, v in evaluate(qw).items()}}
         return baselines[match.group_size]
 
     configs: list[tuple[str, dict, object]] = [("none", {}, None)]
-    configs += [("protect_first", {"k": k}, protect_first(model, spec, k, arch=arch)) for k in protect_k]
+    configs += [("protect_first", {"k": k}, protect_first(model, spec, k)) for k in protect_k]
     if kurtosis_thresholds:
-        kt = kurtosis_table(model, arch)
+        kt = kurtosis_table(model)
         configs += [("protect_kurtosis", {"threshold": t, "granularity": granularity},
-                     protect_kurtosis(model, spec, t, granularity, table=kt, arch=arch)) for t in kurtosis_thresholds]
+                     protect_kurtosis(model, spec, t, granularity, table=kt)) for t in kurtosis_thresholds]
     corrected = eora(model, plain, calib, eora_ranks) if eora_ranks else {}
     configs += [("eora", {"rank": r}, r) for r in eora_ranks]
     rows = []
-    for name, params, what in tqdm(configs, desc=f"repairs {spec.method} {spec.bits}-bit", disable=not progress):
+    for name, params, what in tqdm(configs, desc=f"repairs {spec.method} {spec.bits}-bit", disable=not progress,
+                                   leave=False):
         if name == "none":
-            qw, bits = plain, avg_bits(model, plain_plan, arch)
+            qw, bits = plain, avg_bits(model, plain_plan)
         elif name == "eora":
-            qw, bits = corrected[what], eora_avg_bits(model, plain_plan, what, arch)
+            qw, bits = corrected[what], eora_avg_bits(model, plain_plan, what)
         else:
-            qw, bits = _overrides(model, plain, what), avg_bits(model, what, arch)
+            qw, bits = requantize(model, plain, what), avg_bits(model, what)
         rows.append({"repair": name, "params": params, "avg_bits": bits, **evaluate(qw), **baseline(bits)})
     # peak amplification: chosen on the held-out facts, scored on the others
     with plain.applied(model):
         grid = amplification_grid(model, right[~right.fact.isin(score_ids)], alphas=alphas)
     choice = choose_amplification(grid, [f.id for f in choose])
-    bits = avg_bits(model, plain_plan, arch)
+    bits = avg_bits(model, plain_plan)
     rows.append({"repair": "amplify", "params": {k: choice[k] for k in ("rule", "layer", "alpha")}, "avg_bits": bits,
                  **evaluate(plain, amplify=choice), **baseline(bits)})
     if inject_layer is not None:
@@ -248,18 +258,13 @@ def run_repair(model: nn.Module, facts: list[Fact], spec: QuantSpec, calib: torc
     out.insert(0, "method", spec.method)
     out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in p.items()))
-    return RepairResult(out, choice, sorted({f.id for f in choose}), sorted(score_ids))
+    return out, choice
 
 
 def _injection_accuracy(model: nn.Module, qw: QuantizedWeights, prompts: pd.DataFrame, subset: pd.DataFrame,
                         layer: int, seed: int) -> dict:
     """Accuracy when the reference's residual stream (every token) enters the quantized model at
     ``layer``: not a deployable repair (it needs the reference), the paper's last 2-bit attempt."""
-    from . import positions as P
-    from .patch import Edit, Rerun
-    from .sensitivity import subset_accuracy
-    from .trace import collect
-
     arch = resolve(model)
     if not 1 <= layer < arch.n_layers:
         raise ValueError(f"inject_layer must be in 1..{arch.n_layers - 1}, got {layer}")
@@ -267,20 +272,17 @@ def _injection_accuracy(model: nn.Module, qw: QuantizedWeights, prompts: pd.Data
     for start in range(0, len(prompts), 8):
         chunk = prompts.iloc[start : start + 8]
         batch = P.encode(model.tokenizer, chunk.prompt.tolist())
-        fp = collect(model, batch, ("resid",), layers=[layer - 1], arch=arch)["resid"][0]
+        fp = collect(model, batch, ("resid",), layers=[layer - 1])["resid"][0]
         with qw.applied(model):
-            logits, _ = Rerun(model, batch, arch).run([[Edit(layer - 1, "resid", None, fp)]])
+            logits, _ = Rerun(model, batch).run([[Edit(layer - 1, "resid", None, fp)]])
         right = logits[0].argmax(-1).cpu() == torch.tensor(chunk.answer_id.to_numpy())
         out.append(chunk[["fact", "template"]].assign(correct=right.numpy()))
-    return {"ppl": float("nan"), **subset_accuracy(pd.concat(out), subset, seed)}
+    return {"ppl": float("nan"), **ev.subset_accuracy(pd.concat(out), subset, seed)}
 
 
 def save_repair(res: RepairResult, out, meta: dict, title: str = "") -> None:
     """Write ``repair.json`` (meta, rows, the amplification choice and the fact split),
     ``repair.csv`` and the Pareto figure ``repair.png``."""
-    from .io import save_analysis
-    from .plots import pareto_figure
-
     save_analysis(out, "repair", meta, res.rows, extra={"amplification": res.choice,
                                                          "held_out_facts": res.held_out_facts,
                                                          "scored_facts": res.scored_facts},

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -30,16 +29,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from . import positions as P
-from .arch import attention_window, resolve
-from .data import Fact
-from .evaluate import prompt_table
-from .io import save_analysis
-from .plan import avg_bits, check_specs, uniform_plan
-from .quantize import FULL_PRECISION, QuantSpec
-from .swap import quantize_model
-from .trace import collect
+from ..core import positions as P
+from ..core.arch import attention_window, resolve
+from ..core.data import Fact
+from ..core.io import save_analysis
+from ..measure import metrics as M
+from ..measure.evaluate import prompt_table
+from ..measure.trace import collect
+from ..measure.widths import Width, check_configs, each_width
+from ..quant.quantize import QuantSpec
+from ..report.plots import attention_figure, mlp_figure
 
 WHAT = ("attn", "gate", "mlp_out")
 
@@ -99,46 +98,46 @@ def compare_batch(fp: dict, q: dict, batch: dict, positions: list[str], windows:
 SUMMED = ("attn_entropy_fp", "attn_entropy", "attn_jsd", "gate_sfr", "neuron_jaccard", "mlp_cosine")
 
 
-def run_components(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], calib: torch.Tensor | None = None,
-                   positions: Sequence[str] = ("last_subject", "last"), top_fraction: float = 0.01,
-                   batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
-    """One row per (method, bits, position, layer, head) and per (method, bits, position, layer)
-    with the metrics above averaged over the prompts' tokens. A full-precision spec compares the
-    model with itself."""
+def check(positions: Sequence[str], top_fraction: float) -> list[str]:
+    """Raise on options the component comparison cannot run with; the positions, checked."""
     positions = P.check(positions)
     if not 0 < top_fraction <= 1:
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    return positions
+
+
+def run_components(model: nn.Module, facts: list[Fact], specs: list[QuantSpec | Width],
+                   calib: torch.Tensor | None = None, positions: Sequence[str] = ("last_subject", "last"),
+                   top_fraction: float = 0.01, batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """One row per (method, bits, position, layer, head) and per (method, bits, position, layer)
+    with the metrics above averaged over the prompts' tokens. A full-precision spec compares the
+    model with itself."""
+    positions = check(positions, top_fraction)
+    configs = check_configs(model, specs)
     tok = model.tokenizer
-    arch = resolve(model)
-    check_specs(model, specs, arch)
+    n_layers = resolve(model).n_layers
     chunks = P.batches(prompt_table(facts, tok), facts, batch_size)
-    windows = [attention_window(model, layer) for layer in range(arch.n_layers)]
+    windows = [attention_window(model, layer) for layer in range(n_layers)]
     rows = []
-    for spec in specs:
-        fp_spec = spec.is_full_precision
-        plan = None if fp_spec else uniform_plan(model, spec, arch=arch)
-        qw = None if fp_spec else quantize_model(model, plan, calib, progress=progress)
+    for w in each_width(model, configs, calib, progress, desc="components"):
         sums: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))
-        desc = f"components {'fp' if fp_spec else spec.method} {spec.bits}-bit"
-        for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        for chunk in tqdm(chunks, desc=f"components {w.method} {w.bits}-bit", disable=not progress, leave=False):
             batch = P.encode(tok, chunk.prompt.tolist(), chunk.subject_end.tolist())
             tokens = _tokens(batch, positions)
-            fp = collect(model, batch, WHAT, arch=arch, tokens=tokens)
-            with qw.applied(model) if qw else nullcontext():
-                q = collect(model, batch, WHAT, arch=arch, tokens=tokens)
+            fp = collect(model, batch, WHAT, tokens=tokens)
+            with w.applied(model):
+                q = collect(model, batch, WHAT, tokens=tokens)
             for r in compare_batch(fp, q, batch, positions, windows, top_fraction):
                 acc = sums[(r["position"], r["layer"], r["head"])]
                 acc["n"] += r["n"]
                 for k in SUMMED:
                     if k in r:
                         acc[k] += r[k]
-        info = {"method": "fp" if fp_spec else spec.method, "bits": spec.bits,
-                "avg_bits": float(FULL_PRECISION) if fp_spec else avg_bits(model, plan, arch)}
+        info = {"method": w.method, "bits": w.bits, "avg_bits": w.avg_bits}
         for (pos, layer, head), acc in sums.items():
             n = acc.pop("n")
             rows.append({**info, "position": pos, "layer": layer, "head": head, "n_tokens": int(n),
                          **{k: v / n for k, v in acc.items()}})
-        del qw
     cols = ["method", "bits", "avg_bits", "position", "layer", "head", "n_tokens", *SUMMED]
     out = pd.DataFrame(rows)[cols]
     out["head"] = out["head"].astype("Int64")
@@ -148,8 +147,6 @@ def run_components(model: nn.Module, facts: list[Fact], specs: list[QuantSpec], 
 def save_components(rows: pd.DataFrame, out: str | Path, meta: dict, gated: bool = True, title: str = "") -> None:
     """Write ``components.json`` (meta, rows), ``components.csv`` and, per position kind,
     ``components_attention_<position>.png`` and ``components_mlp_<position>.png``."""
-    from .plots import attention_figure, mlp_figure
-
     prefix = f"{title}: " if title else ""
     figures = {}
     for pos in rows.position.unique():

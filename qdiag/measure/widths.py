@@ -1,0 +1,156 @@
+"""The loop every analysis shares: each configuration (a bit width, a quantizer, a group size; or
+any other change to the model) applied in turn, one at a time, with the reference scored once.
+
+    ref = Reference(model, facts)                 # the reference's answers, scored once
+    for w in each_width(model, specs, calib):     # quantized one at a time, weights swapped in
+        right = ref.reference_right(model, w)     # its Robust / Failure prompts
+        with w.applied(model):
+            ...
+
+A ``Width`` is a label and a way to apply it; a quantization spec becomes one through
+``each_width``, anything else (a mixed plan, an existing checkpoint, a known perturbation) can be
+built directly and passed in the same list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.data import Fact
+from ..quant.plan import Plan, avg_bits, check_specs, uniform_plan
+from ..quant.quantize import FULL_PRECISION, QuantSpec
+from ..quant.quantizer import quantize_model
+from ..quant.swap import QuantizedWeights
+from . import evaluate as ev
+
+
+@dataclass
+class Width:
+    """One configuration of the model: how it is labelled in results, and how it is applied.
+
+    ``apply(model)`` returns a context inside which the model runs this configuration (None: the
+    reference itself). ``weights`` are the quantized weights when the configuration is a plan."""
+
+    method: str
+    bits: int
+    group_size: int | None = None
+    sym: bool | None = None
+    avg_bits: float = float(FULL_PRECISION)
+    seconds: float = 0.0
+    apply: Callable[[nn.Module], AbstractContextManager] | None = field(default=None, repr=False)
+    weights: QuantizedWeights | None = field(default=None, repr=False)
+    plan: Plan | None = field(default=None, repr=False)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.apply is None
+
+    @property
+    def label(self) -> dict:
+        """The columns that identify this configuration in every result table."""
+        return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
+                "avg_bits": self.avg_bits}
+
+    def release(self) -> None:
+        """Drop the quantized weights (the label stays)."""
+        if self.weights is not None:
+            self.weights, self.plan, self.apply = None, None, _released
+
+    def applied(self, model: nn.Module) -> AbstractContextManager:
+        """Run ``model`` as this configuration inside the block; the reference again after it."""
+        return nullcontext(model) if self.apply is None else self.apply(model)
+
+
+def reference_width() -> Width:
+    return Width("fp", FULL_PRECISION)
+
+
+def quantized_width(model: nn.Module, spec: QuantSpec, calib: torch.Tensor | None = None,
+                    plan: Plan | None = None, progress: bool = True) -> Width:
+    """``spec`` applied to every decoder matrix (or to ``plan``), quantized now."""
+    if spec.is_full_precision and plan is None:
+        return reference_width()
+    plan = uniform_plan(model, spec) if plan is None else plan
+    qw = quantize_model(model, plan, calib, progress=progress)
+    return Width(spec.method, spec.bits, spec.group_size, spec.sym, avg_bits(model, plan), qw.seconds,
+                 apply=qw.applied, weights=qw, plan=plan)
+
+
+def each_width(model: nn.Module, configs: Iterable[QuantSpec | Width], calib: torch.Tensor | None = None,
+               progress: bool = True, desc: str = "widths") -> Iterator[Width]:
+    """Each configuration in turn: specs are checked against every matrix now, before any work,
+    then quantized one at a time as the loop reaches them (only one configuration's weights are
+    held); ``Width`` items pass through as they are."""
+    configs = check_configs(model, configs)
+    return _each(model, configs, calib, progress, desc)
+
+
+def check_configs(model: nn.Module, configs: Iterable[QuantSpec | Width]) -> list[QuantSpec | Width]:
+    """The configurations as a list, every spec checked against every decoder matrix; raises on
+    bad input before any work."""
+    configs = list(configs)
+    if not configs:
+        raise ValueError("no configurations given")
+    bad = [c for c in configs if not isinstance(c, (QuantSpec, Width))]
+    if bad:
+        raise TypeError(f"configurations must be QuantSpec or Width, got {type(bad[0]).__name__}")
+    specs = [c for c in configs if isinstance(c, QuantSpec)]
+    if specs:
+        check_specs(model, specs)
+    return configs
+
+
+def quantized_only(configs: Sequence[QuantSpec | Width]) -> list[QuantSpec | Width]:
+    """The configurations that are not the reference; raises when none is left."""
+    kept = [c for c in configs if not (c.is_full_precision if isinstance(c, QuantSpec) else c.is_reference)]
+    if not kept:
+        raise ValueError("no quantized configuration given: this analysis needs a quantized width (16 bits is the "
+                         "reference itself), e.g. --bits 4,2")
+    return kept
+
+
+def _each(model: nn.Module, configs: list, calib: torch.Tensor | None, progress: bool, desc: str) -> Iterator[Width]:
+    for c in tqdm(configs, desc=desc, disable=not progress):
+        if isinstance(c, Width):
+            yield c
+            continue
+        w = quantized_width(model, c, calib, progress=progress)
+        yield w
+        w.release()  # before the next configuration is quantized
+
+
+def _released(model: nn.Module) -> AbstractContextManager:
+    raise RuntimeError("this configuration's quantized weights were released when the loop moved on; "
+                       "apply it inside the loop over each_width")
+
+
+class Reference:
+    """The reference's scores on every prompt of ``facts``, computed once, and each configuration's
+    Robust / Failure subsets against them."""
+
+    def __init__(self, model: nn.Module, facts: list[Fact], progress: bool = False) -> None:
+        self.table = ev.prompt_table(facts, model.tokenizer)
+        self.scored = ev.score_prompts(model, model.tokenizer, self.table, progress=progress)
+
+    def score(self, model: nn.Module, width: Width, progress: bool = False) -> pd.DataFrame:
+        """Every prompt scored with ``width`` applied (the reference's own scores for the reference)."""
+        if width.is_reference:
+            return self.scored
+        with width.applied(model):
+            return ev.score_prompts(model, model.tokenizer, self.table, progress=progress)
+
+    def subsets(self, scored: pd.DataFrame) -> pd.DataFrame:
+        """``fact``, ``template``, ``subset`` per prompt: robust, failure or fp_wrong."""
+        return ev.subsets(self.scored, scored).reset_index()
+
+    def reference_right(self, scored: pd.DataFrame) -> pd.DataFrame:
+        """The prompts the reference gets right, with their ``subset`` (robust / failure) against
+        a configuration's ``scored`` prompts; raises when there are none."""
+        return ev.reference_right(self.table, self.scored, scored)

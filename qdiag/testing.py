@@ -1,0 +1,164 @@
+"""Tiny, seeded, randomly initialised models of several families, built in code (no hub), a
+word-level tokenizer, and facts such a model "knows" (its own greedy predictions): what the tests,
+the benchmarks and users calibrating a diagnosis on their own cases start from.
+
+    from qdiag.testing import knowing_model
+    hf, tokenizer, facts = knowing_model("qwen2", seed=1)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .core.data import Fact
+from .measure.evaluate import encode_prompts
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"]
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               bos_token_id=2, eos_token_id=3, pad_token_id=1)
+
+
+def tiny_config(family: str, layers: int = 2):
+
+    config = _tiny_config(family)
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            setattr(config, key, layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(layers)]
+    return config
+
+
+def _tiny_config(family: str):
+    from transformers import AutoConfig
+
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    if family == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    extra = {}
+    if family == "gemma":
+        extra = dict(head_dim=16)
+    if family in ("gemma2", "gemma3_text"):
+        extra = dict(head_dim=16, sliding_window=8)  # a window shorter than test prompts
+    if family in ("qwen3",):
+        extra = dict(head_dim=16)
+    return AutoConfig.for_model(family, **_COMMON, **extra)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, scale: float = 1.0) -> torch.nn.Module:
+    """A fresh model (2 layers unless asked) with hidden size 64 and grouped-query attention, in eval mode.
+
+    ``scale`` multiplies every decoder-layer weight matrix: at the default initialisation the
+    layers add little to the embeddings and attention is near uniform; at ``scale=4`` attention
+    focuses and the answers depend on what the layers compute (as in a trained model)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), attn_implementation="eager")
+    model.eval().requires_grad_(False)
+    if scale != 1.0:
+        from .core.arch import resolve
+
+        for name in resolve(model).linear_names():
+            model.get_submodule(name).weight.mul_(scale)
+    return model
+
+
+WORDS = ("the of is in a capital city country language official located France Paris Germany Berlin Italy Rome "
+         "Spain Madrid Japan Tokyo Europe Asia French German Italian Spanish Japanese part continent seat "
+         "government spoken belongs to 's , . '").split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over a small vocabulary (ids < 256), with pad/eos/bos/unk tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", padding_side="left")
+
+
+# Two facts with several templates, for tests that need prompts but not a model that knows them.
+FACTS = [Fact("P36", "France", "Paris", ("The capital of [X] is [Y].", "[X] 's capital city is [Y]")),
+         Fact("P36", "Germany", "Berlin", ("The capital of [X] is [Y].",))]
+
+# Random-weight configs of real models' shapes: what costs as much as the real model on a GPU.
+REAL_SHAPES = {
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def calib_ids(n: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 256, (n, length), generator=g)
+
+
+TEMPLATES = ["The capital of [X] is [Y]", "[X] 's capital city is [Y]", "[X] is located in [Y]"]
+SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan"]
+# More prompts, for tests that need many known facts (the diagnosis's ground truth).
+MORE_TEMPLATES = TEMPLATES + ["The official language of [X] is [Y]", "[X] is part of [Y]",
+                              "The seat of government of [X] is [Y]", "[X] belongs to [Y]"]
+MORE_SUBJECTS = SUBJECTS + ["Paris", "Berlin", "Rome", "Madrid", "Tokyo", "Europe", "Asia"]
+
+
+def known_facts(model, tok, subjects: list[str] = SUBJECTS, templates: list[str] = TEMPLATES):
+    """Facts whose object is what the tiny random model predicts, so the reference is right."""
+    facts = []
+    for s in subjects:
+        for j, t in enumerate(templates):
+            prompt = t.replace("[X]", s)[: -len(" [Y]")]
+            batch = encode_prompts(tok, [prompt], device=next(model.parameters()).device)
+            top = model(**batch).logits[0, -1].argmax().item()
+            word = tok.convert_ids_to_tokens(top)
+            if word and word.isalpha():
+                facts.append(Fact(f"T{j}", s, word, (t,)))  # one relation per template: unique fact ids
+    return facts
+
+
+def knowing_model(family: str = "llama", seed: int = 0, layers: int = 2, min_facts: int = 5, scale: float = 1.0,
+                  many: bool = False):
+    """A tiny model, the tokenizer, and the facts it answers itself: ``(hf_model, tokenizer, facts)``.
+    Ids the tokenizer does not have are never predicted. ``many`` asks for every subject and
+    template of ``MORE_SUBJECTS`` x ``MORE_TEMPLATES``. Raises if it knows fewer than ``min_facts``."""
+    model, tok = tiny_model(family, seed=seed, layers=layers, scale=scale), tiny_tokenizer()
+    unembed = model.get_output_embeddings().weight
+    unembed.data[len(tok):] = -1 if family not in ("gpt2",) else 0
+    facts = known_facts(model, tok, *((MORE_SUBJECTS, MORE_TEMPLATES) if many else ()))
+    if len(facts) < min_facts:
+        raise ValueError(f"the tiny {family} model (seed {seed}) knows {len(facts)} facts, fewer than {min_facts}")
+    return model, tok, facts
+
+
+def knowing(tmp_path: Path, layers: int = 2, family: str = "llama", seed: int = 0) -> tuple[str, Path]:
+    """A tiny model saved with a data folder of facts it answers correctly (its own predictions)."""
+    model, tok, facts = knowing_model(family, seed, layers)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    data = tmp_path / "data"
+    for sub in ("patterns", "facts"):
+        (data / "pararel" / sub).mkdir(parents=True)
+    patterns = sorted({t for f in facts for t in f.templates})
+    (data / "pararel" / "patterns" / "P36.jsonl").write_text("\n".join(json.dumps({"pattern": p}) for p in patterns))
+    (data / "pararel" / "facts" / "P36.jsonl").write_text(
+        "\n".join(json.dumps({"sub_label": f.subject, "obj_label": f.obj}) for f in facts))
+    (data / "wikitext-2").mkdir()
+    text = " ".join(["the capital of France is Paris ."] * 200)
+    for split in ("test", "valid"):
+        (data / "wikitext-2" / f"{split}.txt").write_text(text)
+    return str(path), data

@@ -1,0 +1,38 @@
+"""The quantizer's front door: GPTQ results cached on disk, keyed by everything they depend on."""
+
+import inspect
+
+import pytest
+import torch
+
+from qdiag.quant import gptq, quantizer
+from qdiag.quant.plan import uniform_plan
+from qdiag.quant.quantize import QuantSpec
+from qdiag.testing import calib_ids, tiny_model
+
+
+def test_gptq_results_are_cached_and_reloaded_exactly(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    plan = uniform_plan(model, QuantSpec(3, group_size=32, method="gptq"))
+    first = quantizer.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("GPTQ ran again although its result was cached")
+
+    monkeypatch.setattr("qdiag.quant.quantizer.sequential_quantize", fail)
+    again = quantizer.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
+    for name, q in first.tensors.items():
+        assert torch.equal(q.dequantize(), again.tensors[name].dequantize())
+    with pytest.raises(AssertionError, match="ran again"):  # other calibration data: a new key
+        quantizer.quantize_model(model, plan, calib_ids(seed=1), progress=False, cache_dir=tmp_path)
+
+
+def test_a_change_to_the_quantizer_code_is_a_new_cache_key(monkeypatch):
+    model = tiny_model("llama")
+    plan = uniform_plan(model, QuantSpec(3, group_size=32, method="gptq"))
+    before = quantizer._cache_key(model, plan, calib_ids(), damp=0.01)
+    assert quantizer._cache_key(model, plan, calib_ids(), damp=0.01) == before
+    source = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda m: source(m) + ("#" if m is gptq else ""))
+    assert quantizer._cache_key(model, plan, calib_ids(), damp=0.01) != before
