@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--alphas", type=_csv(float), default=None, help="amplification weights to choose from")
     re_.add_argument("--inject-layer", type=int, default=None, help="also try clean-signal injection at this layer")
     re_.add_argument("--held-out", type=float, default=0.5, help="share of facts used to choose amplification")
+    di = command("diagnose", "the verdict: Signal Degradation or Computation Collapse, with its evidence", cmd_diagnose)
+    di.add_argument("--evidence", choices=["full", "triage"], default="full",
+                    help="triage: only what one forward per configuration gives (no patching, ablation, injection)")
+    di.add_argument("--max-prompts", type=_positive, default=None, help="at most this many reference-right prompts")
+    di.add_argument("--max-tokens", type=_positive, default=2048, help="token rows for the representation probes")
+    di.add_argument("--batch-size", type=_positive, default=16)
+    di.add_argument("--try-remedy", action="store_true", help="apply the suggested weight repairs and diagnose again")
+    di.set_defaults(ppl_tokens=2048, bits=[8, 4, 3, 2])
     return parser
 
 
@@ -271,6 +279,20 @@ def cmd_repair(args: argparse.Namespace) -> None:
     print(res.rows[["method", "bits", "repair", "params", "avg_bits", "failure_acc", "robust_acc", "ppl",
                     "baseline_avg_bits", "baseline_failure_acc", "baseline_robust_acc", "baseline_ppl"]]
           .round(3).to_string(index=False))
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from .diagnosis import diagnose
+
+    specs = _specs(args, quantized=True)
+    exp = setup(args, calibrate=args.try_remedy)
+    res = diagnose(exp.model, exp.facts, specs, exp.calib, exp.ppl_tokens, args.ppl_window,
+                   causal=args.evidence == "full", batch_size=args.batch_size, max_prompts=args.max_prompts,
+                   max_tokens=args.max_tokens, try_remedy=args.try_remedy, seed=args.seed, progress=not args.quiet)
+    res.meta = meta(args, n_facts=len(exp.facts), **res.meta)
+    res.save(args.out, title=args.model)
+    print(res.verdicts[["method", "bits", "group_size", "avg_bits", "verdict", "score", "score_lo", "score_hi",
+                        "lost"]].round(3).to_string(index=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,3 +187,34 @@ def test_repair_end_to_end(tmp_path):
 def test_repair_refuses_the_reference_alone(local_model, tmp_path, data_dir, capsys):
     assert main(analysis_args("repair", local_model, tmp_path / "out", data_dir, "--bits", "16")) == 2
     assert "needs a quantized width" in capsys.readouterr().err
+
+
+def test_diagnose_end_to_end_with_a_remedy_tried(tmp_path):
+    path, data = knowing(tmp_path, layers=4)
+    out = tmp_path / "out"
+    args = ["diagnose", "--model", str(path), "--bits", "8,2", "--method", "rtn", "--group-size", "32", "--data",
+            str(data), "--facts", "20", "--ppl-tokens", "200", "--ppl-window", "50", "--calib-samples", "2",
+            "--calib-len", "16", "--try-remedy", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads((out / "diagnosis.json").read_text())
+    configs = doc["configurations"]
+    assert [(c["method"], c["bits"]) for c in configs if not c["remedy_of"]] == [("rtn", 8), ("rtn", 2)]
+    for c in configs:
+        assert c["verdict"] in ("intact", "signal_degradation", "transitional", "computation_collapse")
+        assert c["score_lo"] <= c["score"] <= c["score_hi"]
+        assert {"probe", "value", "reference", "null", "position", "points_to"} <= set(c["evidence"][0])
+    remedies = [c for c in configs if c["remedy_of"]]
+    tried = [a["repair"] for c in configs if not c["remedy_of"] for a in c["remedy"]["actions"]
+             if a["repair"] in ("protect_layers", "eora") and (a["repair"] != "protect_layers" or a["layers"])]
+    assert len(remedies) == len(tried)  # every suggested weight repair was applied and diagnosed again
+    assert doc["meta"]["args"]["bits"] == [8, 2] and doc["meta"]["n_prompts"] > 0
+    assert (out / "diagnosis.md").read_text().startswith("# Diagnosis")
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--bits", "16"], "needs a quantized width"),
+                                                (["--group-size", "4096"], "larger than in_features")])
+def test_diagnose_refuses_bad_input_before_any_work(local_model, tmp_path, data_dir, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(analysis_args("diagnose", local_model, out, data_dir, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -122,6 +122,39 @@ def test_patching_invariants_on_the_default_model(smollm):
         torch.testing.assert_close(run.run([edit])[0][0], patch_nnsight(lm, batch, edit), atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def known(smollm, data_dir):
+    """The prompts of 200 random facts the reference answers right, and those facts."""
+    from qdiag.diagnosis import perturb as pt
+
+    lm, _ = smollm
+    facts = data.sample_facts(data.load_pararel(data_dir), 200, seed=0)
+    right = pt.reference_right_prompts(lm, facts)
+    return lm, right, [f for f in facts if f.id in set(right.fact)]
+
+
+@pytest.mark.parametrize("breaker", ["scrambled_gates", "uniform_attention"])
+def test_the_diagnosis_tells_a_matched_pair_apart_on_the_default_model(known, breaker):
+    """Components of the first two layers broken, against residual noise losing as many of the
+    reference's answers: Computation Collapse and Signal Degradation, with the first domino where
+    the break was made; the model against itself is intact."""
+    from qdiag.diagnosis import diagnose
+    from qdiag.diagnosis import perturb as pt
+    from qdiag.measure.widths import reference_width
+
+    lm, right, facts = known
+    broken = getattr(pt, breaker)(lm, [0, 1])
+    lost = pt.answers_lost(lm, right, broken)
+    assert lost >= 0.1
+    noisy, noisy_lost = pt.match_damage(lm, right, lambda s: pt.residual_noise(lm, s), lost, steps=8)
+    assert abs(noisy_lost - lost) <= 0.1
+    ref, b, n = diagnose(lm, facts, [reference_width(), broken, noisy], causal=False, progress=False).configurations
+    assert ref["verdict"] == "intact"
+    assert b["verdict"] == "computation_collapse" and n["verdict"] == "signal_degradation"
+    assert b["first_domino"]["layer"] == 0
+    assert b["first_domino"]["component"] == ("mlp" if breaker == "scrambled_gates" else "attention")
+
+
 def test_weights_are_untouched_after_all_of_the_above(smollm):
     lm, before = smollm
     assert digest(lm) == before

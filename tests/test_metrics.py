@@ -103,3 +103,23 @@ def test_cka_matrix_matches_pairwise(n, d):
     want = torch.tensor([[M.linear_cka(x, y) for y in ys] for x in xs], dtype=torch.float64)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(M.cka_matrix(xs, xs).diagonal(), torch.ones(3, dtype=torch.float64))
+
+
+def test_chance_jaccard_matches_unrelated_rankings():
+    torch.manual_seed(0)
+    a, b = torch.randn(4000, 300), torch.randn(4000, 300)
+    assert M.topk_jaccard(a, b, 0.05) == pytest.approx(M.chance_jaccard(300, 0.05), rel=0.1)
+
+
+def test_per_row_metrics_average_to_the_scalar_ones():
+    torch.manual_seed(0)
+    a, b = torch.randn(50, 64), torch.randn(50, 64)
+    assert float(M.sign_flips(a, b).mean()) == pytest.approx(M.sign_flip_rate(a, b))
+    assert float(M.topk_overlap(a, b, 0.1).mean()) == pytest.approx(M.topk_jaccard(a, b, 0.1))
+    assert float(M.cosines(a, b).mean()) == pytest.approx(M.mean_cosine(a, b))
+
+
+def test_uniform_like_spreads_over_the_visible_keys():
+    attn = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.2, 0.8], [0.1, 0.3, 0.6]])
+    want = torch.tensor([[0, 0, 1.0], [0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
+    assert torch.allclose(M.uniform_like(attn), want)
