@@ -30,6 +30,7 @@ check:
 bench:  ## speed and memory benchmarks; they print ratios
 	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) benchmarks/patching_speed.py
+	$(PYTHON) benchmarks/diagnose_speed.py
 	$(PYTHON) benchmarks/gptq_vs_gptqmodel.py --skip-gptqmodel  # add GPTQModel: see the script
 
 clean:

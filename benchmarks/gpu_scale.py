@@ -41,6 +41,7 @@ def main() -> None:
     from qdiag.analyses.representations import run_representations
     from qdiag.analyses.sensitivity import run_sensitivity
     from qdiag.core.models import wrap
+    from qdiag.diagnosis import diagnose
     from qdiag.quant.plan import uniform_plan
     from qdiag.quant.quantize import QuantSpec
     from qdiag.quant.quantizer import quantize_model
@@ -77,6 +78,8 @@ def main() -> None:
                                                        progress=False),
         "repair (2-bit, protect 2, EoRA r16)": lambda: run_repair(model, facts, [q2], calib, ppl[:1024], 512,
                                                                  protect_k=(2,), eora_ranks=(16,), progress=False),
+        "diagnose (4/2-bit, full evidence)": lambda: diagnose(model, facts, specs[1:], calib, ppl[:2048],
+                                                              progress=False),
     }
     table = []
     print(f"{'analysis':<40} {'seconds':>8} {'peak / weights':>15}")

@@ -30,6 +30,7 @@ COMMANDS = {
     "representations": (["--bits", "16,2", "--k", "8"], "representations.json"),
     "sensitivity": (["--bits", "3"], "sensitivity.json"),
     "repair": (["--bits", "3", "--protect-k", "1", "--eora-ranks", "4"], "repair.json"),
+    "diagnose": (["--bits", "8,2", "--try-remedy"], "diagnosis.json"),
 }
 
 

@@ -89,3 +89,13 @@ def test_no_import_cycle():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_importing_qdiag_loads_nothing_heavy():
+    import subprocess
+    import sys
+
+    heavy = "('torch', 'nnsight', 'transformers', 'pandas')"
+    code = f"import qdiag, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -82,7 +82,8 @@ def diagnose(model: nn.Module, facts: list[Fact], configs: Sequence[QuantSpec | 
     entries, evidence, layers = [], [], []
 
     def one(w: Width, remedy_of: dict | None = None) -> dict:
-        m = measure(model, state, w, causal, max_tokens, progress)
+        # a repaired model needs its verdict, not the causal probes: it gets the triage
+        m = measure(model, state, w, causal and remedy_of is None, max_tokens, progress)
         fid = output_fidelity(model, ppl_tokens, w.applied, ppl_window) if ppl_tokens is not None and \
             ppl_tokens.numel() >= ppl_window else None
         entry, ev, lay = _judge(m, fid, w, n_layers, seed)

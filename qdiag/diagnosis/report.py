@@ -123,3 +123,100 @@ def figures(diag, title: str = "") -> dict:
     """The report's figures, by file stem."""
     return {"diagnosis_fingerprint": fingerprint_figure(diag.evidence, diag.configurations, title),
             "diagnosis_layers": layers_figure(diag.layers, diag.configurations, title)}
+
+
+def verdict_table(diag) -> pd.DataFrame:
+    """One row per configuration, as a reader wants it: name, average bits, verdict, score with
+    its interval, answers lost, where the failure starts."""
+    rows = []
+    for c in diag.configurations:
+        dom = c.get("first_domino")
+        rows.append({"configuration": name(c) + (" (remedy)" if c.get("remedy_of") else ""),
+                     "avg bits": round(c["avg_bits"], 2), "verdict": WORDS[c["verdict"]],
+                     "score": f"{c['score']:.2f} ({c['score_lo']:.2f}-{c['score_hi']:.2f})",
+                     "answers lost": _pct(c["lost"]),
+                     "first domino": f"{dom['component']}, layer {dom['layer']}" if dom else "-"})
+    return pd.DataFrame(rows)
+
+
+def verdict_markdown(diag) -> str:
+    """The verdict table as a Markdown table (for pages that include it)."""
+    t = verdict_table(diag)
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + " --- |" * len(t.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def phase_figure(verdicts: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Bits down, group size across: each cell coloured by its score (0 reference, 1 collapsed)
+    and labelled with its verdict; one panel per method."""
+    methods = list(dict.fromkeys(verdicts.method))
+    fig, axes = _panels(1, len(methods), 4.2, 3.2)
+    short = {"intact": "intact", "signal_degradation": "degr.", "transitional": "trans.",
+             "computation_collapse": "collapse"}
+    for ax, m in zip(axes[0], methods):
+        d = verdicts[verdicts.method == m].copy()
+        d["group"] = d.group_size.map(lambda g: "channel" if g is None or (isinstance(g, float) and math.isnan(g))
+                                      else f"g{int(g)}")
+        bits = sorted(d.bits.unique(), reverse=True)
+        groups = list(dict.fromkeys(d.group))
+        grid = np.full((len(bits), len(groups)), np.nan)
+        for r in d.itertuples():
+            i, j = bits.index(r.bits), groups.index(r.group)
+            grid[i, j] = r.score
+            ax.text(j, i, f"{short[r.verdict]}\n{r.score:.2f}", ha="center", va="center", fontsize=8)
+        ax.imshow(np.clip(grid, 0, 1), cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_yticks(range(len(bits)), [f"{b}-bit" for b in bits])
+        ax.set_title(f"{m.upper()}")
+        ax.set_xlabel("group size")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def findings(diag, method: str) -> dict:
+    """Per width of ``method``, the verdict, score and answers lost, and the mode each of the
+    study's probes points to, keyed ``w<bits>_<name>`` (for the book's prose)."""
+    out: dict = {}
+    for c in diag.configurations:
+        if c["method"] != method or c.get("remedy_of"):
+            continue
+        key = f"w{c['bits']}"
+        out[f"{key}_verdict"] = WORDS[c["verdict"]]
+        out[f"{key}_score"] = float(c["score"])
+        out[f"{key}_lost"] = float(c["lost"])
+        dom = c.get("first_domino")
+        out[f"{key}_first_domino"] = f"the {dom['component']} of layer {dom['layer']}" if dom else "none"
+        for row in c["evidence"]:
+            probe = "".join(ch if ch.isalnum() else "_" for ch in row["probe"].lower()).strip("_")
+            out[f"{key}_{probe}"] = WORDS.get(row["points_to"], row["points_to"])
+    return out
+
+
+# The study's diagnostic table, in its order (shared/paper-notes.md), as probe names here.
+PAPER_PROBES = ["answer rank", "logit-lens emergence", "patching sufficiency (last subject token)",
+                "dependency-profile correlation", "attention entropy (middle layers)", "attention JSD",
+                "gate sign-flip rate", "top-1% neuron Jaccard", "MLP output cosine", "CKA diagonal",
+                "subspace similarity", "error alignment", "clean-signal injection"]
+# At 4 bits the paper reports a working model whose signal is weaker: a probe that reads "intact"
+# (no change) or "degradation" agrees with it; at 2 bits, "collapse".
+PAPER_SAYS = {4: ("intact", "signal_degradation"), 2: ("computation_collapse",)}
+
+
+def comparison(diag, method: str) -> pd.DataFrame:
+    """The study's table, probe by probe: the mode each probe points to at 4 and at 2 bits (the
+    paper's typical widths) for ``method``, and whether that agrees with the paper; probes not measured
+    in this run (the triage skips the causal ones) are left out."""
+    rows = []
+    configs = {c["bits"]: c for c in diag.configurations if c["method"] == method and not c.get("remedy_of")}
+    for probe in PAPER_PROBES:
+        row = {"probe": probe}
+        for bits, says in PAPER_SAYS.items():
+            ev = {r["probe"]: r for r in configs[bits]["evidence"]} if bits in configs else {}
+            got = ev.get(probe, {}).get("points_to")
+            row[f"{bits} bits"] = WORDS.get(got, got) if got else None
+            row[f"{bits} bits as the paper"] = None if got in (None, "n/a") else got in says
+        if any(row[f"{b} bits"] for b in PAPER_SAYS):
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -200,7 +200,8 @@ def evidence(m: dict, fidelity: dict | None, seed: int = 0) -> pd.DataFrame:
     rank = float(np.median(m["rank"]))
     rows.append({"probe": "answer rank", "group": "output", "value": rank, "reference": 1.0, "null": vocab / 2,
                  "position": math.log(rank) / math.log(vocab / 2), "note": f"median; top {TOP_K} = rank drop"})
-    rows[-1]["points_to"] = points_to(rows[-1]["position"])
+    # the paper's words: no drop is intact; a drop, however small, is not
+    rows[-1]["points_to"] = "intact" if rank == 1 else points_to(max(rows[-1]["position"], INTACT))
     if fidelity:
         add("KL from reference (text)", "output", fidelity["kl"], 0.0, fidelity["kl_null"], "nats per token")
         add("top-1 agreement (text)", "output", fidelity["top1_agreement"], 1.0, 1.0 / vocab)
