@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from .core.arch import resolve
 from .core.data import Fact
 from .measure.evaluate import encode_prompts
 
@@ -35,8 +38,6 @@ def tiny_config(family: str, layers: int = 2):
 
 
 def _tiny_config(family: str):
-    from transformers import AutoConfig
-
     if family == "gpt2":
         return AutoConfig.for_model("gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     if family == "gpt_neox":
@@ -58,14 +59,10 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, scale: flo
     ``scale`` multiplies every decoder-layer weight matrix: at the default initialisation the
     layers add little to the embeddings and attention is near uniform; at ``scale=4`` attention
     focuses and the answers depend on what the layers compute (as in a trained model)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, layers), attn_implementation="eager")
     model.eval().requires_grad_(False)
     if scale != 1.0:
-        from .core.arch import resolve
-
         for name in resolve(model).linear_names():
             model.get_submodule(name).weight.mul_(scale)
     return model
@@ -76,16 +73,17 @@ WORDS = ("the of is in a capital city country language official located France P
          "government spoken belongs to 's , . '").split()
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over a small vocabulary (ids < 256), with pad/eos/bos/unk tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+def tiny_tokenizer(bos: bool = False):
+    """A word-level tokenizer over a small vocabulary (ids < 256), with pad/eos/bos/unk tokens;
+    ``bos=True`` puts ``<s>`` at the start of every text, as Gemma's and Llama 3's tokenizers do."""
     vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                          special_tokens=[("<s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", padding_side="left")
 

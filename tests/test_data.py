@@ -115,3 +115,13 @@ def test_probe_text_when_offline(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         text = data.load_text("test", base_url=(tmp_path / "nowhere").as_uri())
     assert "Paris" in text
+
+
+def test_calibration_windows_start_with_bos_where_the_tokenizer_adds_one(data_dir):
+    from qdiag.testing import tiny_tokenizer
+
+    plain = data.calibration_tokens(tiny_tokenizer(), 3, 16, seed=0, root=data_dir)
+    led = data.calibration_tokens(tiny_tokenizer(bos=True), 3, 16, seed=0, root=data_dir)
+    assert plain.shape == led.shape == (3, 16)
+    assert (led[:, 0] == 2).all() and (plain[:, 0] != 2).all()
+    assert torch.equal(led[:, 1:], plain[:, :15])  # the same text, after the BOS

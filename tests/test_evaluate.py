@@ -62,3 +62,51 @@ def test_subsets():
 
 def test_answer_token_is_the_first_piece(tokenizer):
     assert ev.answer_token(tokenizer, "Paris") == tokenizer(" Paris", add_special_tokens=False).input_ids[0]
+
+
+def test_output_fidelity_of_the_model_against_itself(model, tokenizer):
+    from contextlib import nullcontext
+
+    from qdiag.measure.evaluate import output_fidelity, perplexity
+
+    tokens = torch.randint(4, 256, (96,), generator=torch.Generator().manual_seed(0))
+    f = output_fidelity(model, tokens, lambda m: nullcontext(m), window=32)
+    assert f["kl"] == pytest.approx(0, abs=1e-6) and f["top1_agreement"] == 1
+    assert f["ppl"] == pytest.approx(perplexity(model, tokens, 32), rel=1e-5)
+    assert f["kl_null"] > 0 and f["n_tokens"] == 3 * 31  # the first token of each window is context only
+
+
+def test_output_fidelity_sees_a_changed_model(model):
+    from qdiag.measure.evaluate import output_fidelity
+    from qdiag.measure.widths import quantized_width
+    from qdiag.quant.quantize import QuantSpec
+
+    tokens = torch.randint(4, 256, (96,), generator=torch.Generator().manual_seed(0))
+    q = quantized_width(model, QuantSpec(2, 32), progress=False)
+    f = output_fidelity(model, tokens, q.applied, window=32)
+    assert 0 < f["kl_lo"] <= f["kl"] <= f["kl_hi"] and f["top1_agreement"] < 1
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
+def test_perplexity_windows_start_with_bos_where_the_tokenizer_adds_one(bos):
+    from qdiag.core.data import bos_id
+    from qdiag.core.models import wrap
+    from qdiag.measure.evaluate import perplexity, text_windows
+    from qdiag.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer(bos=bos)
+    assert bos_id(tok) == (2 if bos else None)
+    hf = tiny_model()
+    lm = wrap(hf, tok)
+    tokens = torch.randint(4, 40, (64,), generator=torch.Generator().manual_seed(0))
+    windows = text_windows(lm, tokens, 32)
+    assert windows.shape == (2, 33 if bos else 32)
+    # independent computation: every window token scored after a BOS, all but the first without
+    nll, count = 0.0, 0
+    for w in tokens.reshape(2, 32):
+        ids = torch.cat([torch.tensor([2]), w]) if bos else w
+        logp = torch.log_softmax(hf(input_ids=ids[None]).logits[0].float(), -1)
+        nll -= float(logp[:-1].gather(-1, ids[1:, None]).sum())
+        count += ids.numel() - 1
+    assert count == (64 if bos else 62)
+    assert perplexity(lm, tokens, 32) == pytest.approx(math.exp(nll / count), rel=1e-5)

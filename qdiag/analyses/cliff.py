@@ -18,6 +18,9 @@ from ..measure.widths import Reference, Width, each_width
 from ..quant.quantize import FULL_PRECISION, QuantSpec
 from ..report.plots import cliff_figure
 
+# Output fidelity beside perplexity: what llama.cpp users and quantization toolkits compare first.
+FIDELITY = ("ppl", "kl", "kl_lo", "kl_hi", "top1_agreement", "top1_agreement_lo", "top1_agreement_hi")
+
 
 @dataclass
 class CliffResult:
@@ -38,12 +41,13 @@ def run_cliff(model: nn.Module, facts: list[Fact], specs: list[QuantSpec | Width
     sample_prompts = [f.prompts()[0] for f in facts[:n_generations]]
     rows, prompts, gens = [], [], []
     for w in each_width(model, specs, calib, progress, desc="cliff"):
+        # perplexity, KL and top-1 agreement from the same forward over the same windows
+        fidelity = ev.output_fidelity(model, ppl_tokens, w.applied, ppl_window, seed=seed)
         with w.applied(model):
-            ppl = ev.perplexity(model, ppl_tokens, ppl_window, progress=progress)
             scored = ref.scored if w.is_reference else ev.score_prompts(model, tok, ref.table, progress=progress)
             texts = ev.generate(model, tok, sample_prompts) if sample_prompts else []
         counts = ref.subsets(scored).subset.value_counts()
-        rows.append({**w.label, "ppl": ppl, **ev.accuracy_summary(scored, seed=seed),
+        rows.append({**w.label, **{k: fidelity[k] for k in FIDELITY}, **ev.accuracy_summary(scored, seed=seed),
                      "n_robust": int(counts.get("robust", 0)), "n_failure": int(counts.get("failure", 0)),
                      "quant_seconds": w.seconds})
         prompts.append(scored.assign(method=w.method, bits=w.bits))

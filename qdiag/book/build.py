@@ -45,7 +45,7 @@ def _environment(**values: str) -> Iterator[None]:
 
 def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str = "python3") -> float:
     """Run one notebook with papermill; the output appears only if the whole run succeeds."""
-    import papermill as pm
+    import papermill as pm  # the book's tools (pip install qdiag[book]) load only when the book is built
 
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".ipynb")

@@ -198,6 +198,16 @@ def _probe_text() -> str:
     return " ".join(lines)
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS token id when ``tokenizer`` puts one at the start of every text by default (Gemma,
+    Llama 3: their models always saw it there), else None (GPT-2, SmolLM2). Perplexity, KL and
+    calibration windows follow the same rule."""
+    if tokenizer is None or getattr(tokenizer, "bos_token_id", None) is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id if ids and ids[0] == tokenizer.bos_token_id else None
+
+
 def text_tokens(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """The text as one 1-D tensor of token ids, no BOS added."""
     if not text.strip():
@@ -208,13 +218,17 @@ def text_tokens(tokenizer, text: str, max_tokens: int | None = None) -> torch.Te
 
 def calibration_tokens(tokenizer, n_samples: int = 64, seq_len: int = 512, seed: int = 0,
                        root: str | os.PathLike | None = None) -> torch.Tensor:
-    """``n_samples`` random windows of ``seq_len`` tokens from WikiText-2 valid, seeded: (n, seq_len)."""
+    """``n_samples`` random windows of ``seq_len`` tokens from WikiText-2 valid, seeded: (n, seq_len);
+    where the tokenizer adds a BOS to every text, each window is that BOS and ``seq_len - 1`` tokens."""
     if n_samples < 1 or seq_len < 2:
         raise ValueError(f"need at least 1 calibration sample of 2 tokens, got {n_samples} x {seq_len}")
     # only as much text as the windows need, tokenized once
     ids = text_tokens(tokenizer, load_text("valid", root))
     if ids.numel() <= seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    bos = bos_id(tokenizer)
+    n = seq_len if bos is None else seq_len - 1
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    windows = torch.stack([ids[s : s + n] for s in starts.tolist()])
+    return windows if bos is None else torch.cat([torch.full((n_samples, 1), bos, dtype=windows.dtype), windows], 1)

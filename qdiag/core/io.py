@@ -60,7 +60,7 @@ def save_analysis(out: str | os.PathLike, name: str, meta: dict, rows: pd.DataFr
     (a notebook draws its own; a script that saves many analyses would otherwise keep them all)."""
     import io as _io
 
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only where figures are saved: core stays free of plotting
 
     pngs = {}
     for stem, fig in (figures or {}).items():

@@ -90,6 +90,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
     ``model.tokenizer`` is the tokenizer (left padding); ``qdiag.arch.unwrap(model)`` is the
     plain transformers module. ``device_map="auto"`` spreads a large model over several GPUs.
     """
+    # nnsight and transformers take seconds to import: only when a model is loaded
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

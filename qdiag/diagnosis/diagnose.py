@@ -29,6 +29,7 @@ from ..quant.quantize import QuantSpec
 from ..quant.quantizer import requantize
 from . import rule
 from .probes import measure, reference_state
+from .report import figures, markdown
 
 LABEL = ("method", "bits", "group_size", "sym", "avg_bits")
 
@@ -52,15 +53,11 @@ class Diagnosis:
 
     def report(self, title: str = "") -> str:
         """The one-page report, as Markdown."""
-        from .report import markdown
-
         return markdown(self, title)
 
     def save(self, out: str | Path, title: str = "") -> None:
         """Write ``diagnosis.json``, ``diagnosis.md``, ``diagnosis.csv`` (the evidence) and the
         figures to ``out``, each whole or not at all."""
-        from .report import figures
-
         out = Path(out)
         save_analysis(out, "diagnosis", self.meta, self.evidence, figures=figures(self, title),
                       extra={"configurations": self.configurations, "layers": records(self.layers)})

@@ -17,21 +17,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.arch import unwrap
-from ..core.data import Fact
+from ..core.data import Fact, bos_id
 from .readout import prob_and_rank
+
+
+def text_windows(model: nn.Module, tokens: torch.Tensor, window: int) -> torch.Tensor:
+    """Non-overlapping ``window``-token windows from the start of ``tokens`` (1-D; a shorter tail
+    is dropped), each led by the BOS token where the model's tokenizer adds one to every text
+    (``data.bos_id``): ``(windows, window)`` or ``(windows, 1 + window)``. Scoring ``ids[:, 1:]``
+    from ``logits[:, :-1]`` then scores every token of a window after a BOS, and all but the first
+    (context only) without one; the BOS itself is never scored."""
+    n_windows = tokens.numel() // window
+    if n_windows == 0:
+        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {window}")
+    windows = tokens[: n_windows * window].reshape(n_windows, window)
+    bos = bos_id(getattr(model, "tokenizer", None))
+    return windows if bos is None else torch.cat([torch.full((n_windows, 1), bos, dtype=windows.dtype), windows], 1)
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4,
                progress: bool = False) -> float:
-    """exp(mean next-token NLL) over non-overlapping ``window``-token windows from the start of
-    ``tokens`` (1-D); a shorter tail is dropped. Each window's first token is context only."""
+    """exp(mean next-token NLL) over the windows of ``text_windows`` (non-overlapping, from the
+    start, led by BOS where the tokenizer adds one)."""
     hf = unwrap(model)
-    n_windows = tokens.numel() // window
-    if n_windows == 0:
-        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {window}")
     device = next(hf.parameters()).device
-    windows = tokens[: n_windows * window].reshape(n_windows, window)
+    windows = text_windows(model, tokens, window)
+    n_windows = windows.shape[0]
     nll, count = 0.0, 0
     for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(device)
@@ -48,22 +60,25 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int
                     seed: int = 0) -> dict:
     """How close a configuration's next-token distributions are to the reference's on text: the
     mean KL divergence ``KL(reference || configuration)`` per token and the share of tokens whose
-    top prediction agrees, with 95% bootstrap intervals over tokens, and ``kl_null``: the KL of a
-    uniform distribution from the reference (what an output that says nothing scores).
-    ``applied(model)`` is the context that runs the configuration (``Width.applied``). Windows as
-    in ``perplexity``."""
+    top prediction agrees, with 95% bootstrap intervals over tokens; ``kl_null``: the KL of a
+    uniform distribution from the reference (what an output that says nothing scores); and the
+    configuration's ``ppl`` on the same windows (as ``perplexity`` computes it, from the same
+    forward). ``applied(model)`` is the context that runs the configuration (``Width.applied``);
+    windows as in ``text_windows``."""
     hf = unwrap(model)
-    n_windows = tokens.numel() // window
-    if n_windows == 0:
-        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {window}")
     device = next(hf.parameters()).device
-    windows = tokens[: n_windows * window].reshape(n_windows, window)
+    windows = text_windows(model, tokens, window)
+    n_windows = windows.shape[0]
     kl, agree, kl_null = [], [], []
+    nll, count = 0.0, 0
     for start in range(0, n_windows, batch_size):
         ids = windows[start : start + batch_size].to(device)
-        ref = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits.float(), -1)
+        # the positions that predict a scored token (see text_windows)
+        ref = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
         with applied(model):
-            q = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits.float(), -1)
+            q = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        nll -= float(q.gather(-1, ids[:, 1:, None]).sum())
+        count += ids[:, 1:].numel()
         p = ref.exp()
         kl.append((p * (ref - q)).sum(-1).flatten().cpu())
         kl_null.append((p * (ref + math.log(ref.shape[-1]))).sum(-1).flatten().cpu())
@@ -73,7 +88,7 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int
     a_lo, a_hi = bootstrap_ci(agree, seed=seed)
     return {"kl": float(kl.mean()), "kl_lo": kl_lo, "kl_hi": kl_hi, "top1_agreement": float(agree.mean()),
             "top1_agreement_lo": a_lo, "top1_agreement_hi": a_hi, "kl_null": float(kl_null.mean()),
-            "n_tokens": int(kl.size)}
+            "n_tokens": int(kl.size), "ppl": math.exp(nll / count)}
 
 
 def answer_token(tokenizer, obj: str) -> int:
