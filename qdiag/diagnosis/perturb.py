@@ -143,15 +143,19 @@ def _query_rows(hf: nn.Module, arch, layer: int) -> tuple[str, slice | torch.Ten
     return w["qkv"], slice(0, heads * head_dim)  # gpt2, phi3: [q, k, v] blocks
 
 
-@contextmanager
-def _output_edits(hf: nn.Module, edits: dict[str, callable]) -> Iterator[None]:
-    handles = [hf.get_submodule(name).register_forward_hook(lambda m, a, out, f=f: f(out))
-               for name, f in edits.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _edits_width(name: str, hf: nn.Module, edits: dict[str, Callable]) -> Width:
+    """A configuration that rewrites some modules' outputs, ``{module name: output -> output}``,
+    with forward hooks while it is applied."""
+    @contextmanager
+    def apply(model):
+        handles = [hf.get_submodule(n).register_forward_hook(lambda m, a, out, f=f: f(out)) for n, f in edits.items()]
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+
+    return _width(name, apply)
 
 
 def uniform_attention(model: nn.Module, layers: Sequence[int] = (0,)) -> Width:
@@ -168,13 +172,7 @@ def uniform_attention(model: nn.Module, layers: Sequence[int] = (0,)) -> Width:
             return out
 
         edits[name] = zero
-
-    @contextmanager
-    def apply(_model):
-        with _output_edits(hf, edits):
-            yield _model
-
-    return _width(f"uniform_attention_{_span(layers)}", apply)
+    return _edits_width(f"uniform_attention_{_span(layers)}", hf, edits)
 
 
 def scrambled_gates(model: nn.Module, layers: Sequence[int] = (0,), seed: int = 0) -> Width:
@@ -197,13 +195,7 @@ def scrambled_gates(model: nn.Module, layers: Sequence[int] = (0,), seed: int = 
             return torch.cat([out[..., :width] * s, out[..., width:]], -1)
 
         edits[name] = flip
-
-    @contextmanager
-    def apply(_model):
-        with _output_edits(hf, edits):
-            yield _model
-
-    return _width(f"scrambled_gates_{_span(layers)}", apply)
+    return _edits_width(f"scrambled_gates_{_span(layers)}", hf, edits)
 
 
 def replaced_mlp(model: nn.Module, layers: Sequence[int] = (0,), seed: int = 0) -> Width:
