@@ -16,8 +16,7 @@ from .rule import INTACT, MIDPOINT
 
 WORDS = {"intact": "intact", "signal_degradation": "Signal Degradation", "transitional": "transitional",
          "computation_collapse": "Computation Collapse"}
-COLOURS = {"intact": "#4c956c", "signal_degradation": "#e9c46a", "transitional": "#f4a261",
-           "computation_collapse": "#c1121f"}
+
 
 
 def name(c: dict) -> str:
@@ -100,20 +99,23 @@ def fingerprint_figure(evidence: pd.DataFrame, configurations: list[dict], title
 
 def layers_figure(layers: pd.DataFrame, configurations: list[dict], title: str = "") -> plt.Figure:
     """Per layer, the local position of the attention (left) and the MLP (right), one line per
-    configuration coloured by its verdict."""
-    fig, axes = _panels(1, 2, 5.0, 3.4, sharey=True)
+    configuration (its colour; the line style tells the quantizer), its verdict in the legend."""
+    fig, axes = _panels(1, 2, 5.5, 3.6, sharey=True)
+    colours = plt.get_cmap("tab10" if len(configurations) <= 10 else "tab20").colors
+    styles = {m: s for m, s in zip(dict.fromkeys(c["method"] for c in configurations), ("-", "--", ":", "-."))}
     for ax, comp in zip(axes[0], ("attention", "mlp")):
-        for c in configurations:
+        for k, c in enumerate(configurations):
             d = layers[(layers.component == comp) & (layers.method == c["method"]) & (layers.bits == c["bits"])]
             if c.get("group_size") is not None:
                 d = d[d.group_size == c["group_size"]]
-            ax.plot(d.layer, d.position.clip(0, 1.05), marker="o", ms=3, label=name(c),
-                    color=COLOURS[c["verdict"]], alpha=0.85)
+            ax.plot(d.layer, d.position.clip(0, 1.05), marker="o", ms=3, label=f"{name(c)}: {WORDS[c['verdict']]}",
+                    color=colours[k % len(colours)], ls=styles.get(c["method"], "-"), alpha=0.9)
         ax.axhline(MIDPOINT, ls="--", color="grey", lw=1)
         ax.set_xlabel("layer")
         ax.set_title("attention" if comp == "attention" else "MLP")
     axes[0, 0].set_ylabel("position (0 reference, 1 non-functioning)")
-    axes[0, 1].legend(fontsize=7, loc="upper right")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="outside lower center",
+               ncol=min(3, len(configurations)))
     if title:
         fig.suptitle(title)
     return fig
