@@ -14,7 +14,7 @@ from qdiag.diagnosis import perturb as pt
 from qdiag.diagnosis.rule import INTACT, MIDPOINT
 from qdiag.measure.widths import reference_width
 from qdiag.quant.quantize import QuantSpec
-from qdiag.testing import knowing_model
+from qdiag.testing import FAMILIES, knowing_model
 
 WORLDS = [(f, s) for f in ("llama", "qwen2", "gpt2", "phi3", "gpt_neox") for s in (1, 2)]
 
@@ -115,3 +115,14 @@ def test_quantization_verdicts_follow_bits_and_are_saved(world, tmp_path):
     for stem in ("diagnosis.md", "diagnosis_fingerprint.png", "diagnosis_layers.png", "diagnosis.csv"):
         assert (tmp_path / stem).exists()
     assert "| RTN 2-bit g32 |" in (tmp_path / "diagnosis.md").read_text()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diagnose_runs_end_to_end_on_every_family(family):
+    hf, tok, facts = knowing_model(family, 0, layers=2, min_facts=1, many=True)
+    lm = wrap(hf, tok)
+    d = diagnose(lm, facts, [QuantSpec(4, 32), pt.scrambled_gates(lm, [1])], progress=False)
+    quantized, broken = d.configurations
+    assert quantized["verdict"] in ("intact", "signal_degradation", "transitional", "computation_collapse")
+    assert broken["verdict"] == "computation_collapse" and broken["first_domino"]["layer"] == 1
+    assert len(d.layers) == 2 * 2 * 2  # configurations x layers x components
