@@ -111,7 +111,7 @@ def _judge(m: dict, fidelity: dict | None, w: Width, n_layers: int, seed: int) -
     value, lo, hi = rule.score(m, seed)
     lost, lost_lo, lost_hi = rule.damage(m, seed)
     verdict = rule.verdict(lo, hi, lost)
-    ev = rule.evidence(m, fidelity, seed)
+    ev = rule.evidence(m, fidelity)
     layers = rule.layer_table(m)
     worst = layers.loc[layers.position.idxmax()]
     where = f"the {worst.component} of layer {int(worst.layer)}"

@@ -182,7 +182,7 @@ def _describe(a: dict) -> str:
     return f"amplify the logit lens of layer {a['layer']}, where the answer peaks"
 
 
-def evidence(m: dict, fidelity: dict | None, seed: int = 0) -> pd.DataFrame:
+def evidence(m: dict, fidelity: dict | None) -> pd.DataFrame:
     """One row per probe: ``probe``, ``group``, ``value``, ``reference``, ``null``, ``position``,
     ``points_to`` (see the module docstring for each probe's reference and null)."""
     rows: list[dict] = []

@@ -3,7 +3,7 @@ any other change to the model) applied in turn, one at a time, with the referenc
 
     ref = Reference(model, facts)                 # the reference's answers, scored once
     for w in each_width(model, specs, calib):     # quantized one at a time, weights swapped in
-        right = ref.reference_right(model, w)     # its Robust / Failure prompts
+        right = ref.reference_right(ref.score(model, w))  # its Robust / Failure prompts
         with w.applied(model):
             ...
 
