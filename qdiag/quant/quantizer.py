@@ -24,8 +24,8 @@ from .quantize import rtn
 from .swap import QuantizedWeights, load, save
 
 
-def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor, **settings) -> str:
-    """A digest of everything GPTQ's result depends on: the planned weights (shape, sums and a
+def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor | None, **settings) -> str:
+    """A digest of everything a quantization's result depends on: the planned weights (shape, sums and a
     sample of values), the plan, the calibration tokens, the settings and the quantizer's own code
     (a change to it, even one that only moves float rounding, must not load old results)."""
     h = hashlib.blake2b(digest_size=16)
@@ -38,7 +38,8 @@ def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor, **settings) ->
         stats = torch.stack([w.double().sum(), w.double().square().sum()]).cpu()
         h.update(repr((name, asdict(plan[name]), tuple(w.shape), str(w.dtype))).encode())
         h.update(stats.numpy().tobytes() + w.flatten()[:256].float().cpu().numpy().tobytes())
-    h.update(calib.cpu().numpy().tobytes())
+    if calib is not None:
+        h.update(calib.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -66,18 +67,21 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
         if calib_dtype is not None:
             settings["calib_dtype"] = str(calib_dtype)
         path = Path(cache_dir) / f"{_cache_key(model, active, calib, **settings)}.pt" if cache_dir else None
+        key = _cache_key(model, active, calib, **settings)
+        path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
         if path is not None and path.exists():
             cached = load(path)
-            return QuantizedWeights(plan, cached.tensors, cached.seconds)
+            return QuantizedWeights(plan, cached.tensors, cached.seconds, key)
         tensors = sequential_quantize(model, active, calib, damp=damp, order=order,
                                       true_sequential=true_sequential, batch_size=batch_size,
                                       calib_dtype=calib_dtype, progress=progress)
         if path is not None:
             save(QuantizedWeights(active, tensors, time.perf_counter() - t0), path)
     else:
+        key = _cache_key(model, active, None)
         modules = dict(unwrap(model).named_modules())
         tensors = {n: rtn(weight_matrix(modules[n]).detach(), s) for n, s in active.items()}
-    return QuantizedWeights(plan, tensors, time.perf_counter() - t0)
+    return QuantizedWeights(plan, tensors, time.perf_counter() - t0, key)
 
 
 def requantize(model: nn.Module, base: QuantizedWeights, plan: Plan) -> QuantizedWeights:

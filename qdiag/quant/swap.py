@@ -25,12 +25,14 @@ from .quantize import QTensor, QuantSpec
 
 
 class QuantizedWeights:
-    """The quantized view of a model: ``{module name: QTensor}`` plus the plan that made it."""
+    """The quantized view of a model: ``{module name: QTensor}`` plus the plan that made it;
+    ``key`` names its content (weights, plan, calibration, quantizer code) for the run store."""
 
-    def __init__(self, plan: Plan, tensors: dict[str, QTensor], seconds: float = 0.0) -> None:
+    def __init__(self, plan: Plan, tensors: dict[str, QTensor], seconds: float = 0.0, key: str | None = None) -> None:
         self.plan = plan
         self.tensors = tensors
         self.seconds = seconds
+        self.key = key
 
     @property
     def nbytes(self) -> int:
