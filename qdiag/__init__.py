@@ -4,8 +4,8 @@ Importing qdiag loads nothing heavy and changes no global state. The entry point
 for first are available here, loaded on first use:
 
     import qdiag
-    exp = qdiag.prepare("smollm2-135m", n_facts=200)
-    result = qdiag.diagnose(exp.model, exp.facts, [qdiag.QuantSpec(4), qdiag.QuantSpec(2)])
+    exp = qdiag.prepare("smollm2-135m", known=400)   # 400 prompts the model answers right
+    result = qdiag.diagnose(exp.model, exp.known, [qdiag.QuantSpec(4), qdiag.QuantSpec(2)])
 
 The package is built in floors (see the README): ``qdiag.core`` (models, data), ``qdiag.quant``
 (quantizers), ``qdiag.measure`` (running and reading a model), ``qdiag.analyses`` (the study's

@@ -48,20 +48,18 @@ def test_screening_keeps_exactly_the_prompts_the_reference_answers(known):
     assert {f.id for f in drawn} == {fid for fid, _ in expected}
 
 
-def test_screening_is_stored_per_prompt_and_extended(known, monkeypatch):
+def test_screening_is_stored_per_prompt_and_extended(known):
     lm, pool = known
     half = screen(lm, pool[: len(pool) // 2])
     assert half.attrs["scored"] == len(half)
-    calls = []
-    real = evaluate.score_prompts
-    monkeypatch.setattr(evaluate, "score_prompts", lambda m, t, table, *a, **k: calls.append(len(table)) or
-                        real(m, t, table, *a, **k))
+    rows = []  # prompts the model actually ran on, counted at its forward
+    unwrap(lm).register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
     full = screen(lm, pool)
-    assert calls == [len(pool) - len(half)]  # only the new prompts were scored
+    assert sum(rows) == len(pool) - len(half)  # only the new prompts were scored
     assert full.attrs["stored"] == len(half)
     assert (full.iloc[: len(half)].correct.to_numpy() == half.correct.to_numpy()).all()
     again = screen(lm, pool)
-    assert calls == [len(pool) - len(half)] and again.correct.equals(full.correct)
+    assert sum(rows) == len(pool) - len(half) and again.correct.equals(full.correct)
 
 
 def test_the_draw_is_stratified_by_relation_and_seeded(known):

@@ -93,9 +93,12 @@ def test_stale_entries_are_never_read(root, count, monkeypatch):
         unwrap(lm).model.layers[0].self_attn.o_proj.weight[0, 0] += 1e-2
     Reference(lm, FACTS)
     assert len(count) == n + 3
-    # changed code: scored again
+    # an edit elsewhere in the scoring module: read; a change to the scoring code: scored again
     source = inspect.getsource
-    monkeypatch.setattr(inspect, "getsource", lambda m: source(m) + ("#" if m is evaluate else ""))
+    monkeypatch.setattr(inspect, "getsource", lambda m: source(m) + ("#" if m is evaluate.perplexity else ""))
+    Reference(lm, FACTS)
+    assert len(count) == n + 3
+    monkeypatch.setattr(inspect, "getsource", lambda m: source(m) + ("#" if m is evaluate.encode_prompts else ""))
     Reference(lm, FACTS)
     assert len(count) == n + 4
 

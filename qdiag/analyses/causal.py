@@ -125,6 +125,7 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec | Widt
                          "to recover; use more facts (--facts) or a larger model")
     cells = _cells(n_layers, sites, positions)
     out: dict[str, list] = {k: [] for k in ("patching", "ablation", "similarity", "injection", "cosine", "prompts")}
+    fp_ablated: dict[tuple, dict] = {}  # the reference's ablations do not depend on the width: run once per batch
     for w in each_width(model, configs, calib, progress, desc="causal"):
         right = ref.reference_right(ref.score(model, w))
         chunks = P.batches(right, facts, batch_size)
@@ -148,7 +149,10 @@ def run_causal(model: nn.Module, facts: list[Fact], specs: list[QuantSpec | Widt
                 return [Edit(layer, site, idx[pos], 0.0)]
 
             if ablation:
-                for cell, p in _sweep(fp_run, cells, zero_edits, answer).items():
+                key = tuple(zip(chunk.fact, chunk.template))
+                if key not in fp_ablated:
+                    fp_ablated[key] = _sweep(fp_run, cells, zero_edits, answer)
+                for cell, p in fp_ablated[key].items():
                     abl.append(pd.DataFrame({**ident, "model": "fp", "layer": cell[0], "site": cell[1],
                                              "position": cell[2], "p_clean": p_fp.numpy(), "p_ablated": p.numpy()}))
             with w.applied(model):

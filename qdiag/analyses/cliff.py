@@ -54,8 +54,8 @@ def run_cliff(model: nn.Module, facts: list[Fact], specs: list[QuantSpec | Width
     for w in each_width(model, specs, calib, progress, desc="cliff"):
         # perplexity, KL and top-1 agreement from the same forward over the same windows
         fidelity = output_fidelity(model, ppl_tokens, w, ppl_window, seed=seed)
+        scored = ref.score(model, w, progress=progress)
         with w.applied(model):
-            scored = ref.scored if w.is_reference else ev.score_prompts(model, tok, ref.table, progress=progress)
             texts = ev.generate(model, tok, sample_prompts) if sample_prompts else []
         counts = ref.subsets(scored).subset.value_counts()
         retained = _retention(model, kref, w, seed, progress) if kref is not None else pd.DataFrame()

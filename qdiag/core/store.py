@@ -16,7 +16,7 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import FunctionType, ModuleType
 
 import pandas as pd
 import torch
@@ -42,7 +42,7 @@ def root() -> Path | None:
 
 def digest(*parts: object) -> str:
     """A short hex digest of ``parts``: tensors and arrays by their bytes, shapes and dtypes, data
-    frames by their values, modules by their source, anything else by ``repr``."""
+    frames by their values, modules and functions by their source, anything else by ``repr``."""
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
         h.update(type(p).__name__.encode())
@@ -53,7 +53,7 @@ def digest(*parts: object) -> str:
         elif isinstance(p, pd.DataFrame):
             h.update(pd.util.hash_pandas_object(p, index=False).to_numpy().tobytes())
             h.update(repr(list(p.columns)).encode())
-        elif isinstance(p, ModuleType):
+        elif isinstance(p, (ModuleType, FunctionType)):
             h.update(inspect.getsource(p).encode())
         else:
             h.update(repr(p).encode())
@@ -88,9 +88,10 @@ def model_digest(model: nn.Module) -> str:
     return digest(weights_digest(model), tokenizer_digest(model.tokenizer))
 
 
-def code_digest(*modules: ModuleType) -> str:
-    """The code a result depends on: the given modules' source, qdiag's version, and the torch
-    and transformers versions that run the model."""
+def code_digest(*code: ModuleType | FunctionType) -> str:
+    """The code a result depends on: the source of the given modules or functions (the functions
+    that compute it, so that an unrelated edit elsewhere in their module keeps the entries), qdiag's
+    version, and the torch and transformers versions that run the model."""
     from importlib.metadata import PackageNotFoundError, version
 
     def _v(pkg: str) -> str:
@@ -99,7 +100,7 @@ def code_digest(*modules: ModuleType) -> str:
         except PackageNotFoundError:
             return ""
 
-    return digest(*modules, _v("qdiag"), _v("torch"), _v("transformers"))
+    return digest(*code, _v("qdiag"), _v("torch"), _v("transformers"))
 
 
 def _path(kind: str, key: str) -> Path | None:

@@ -56,15 +56,33 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_
 
 
 @torch.no_grad()
+def reference_logprobs(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4,
+                       budget: int = 2**31) -> list[torch.Tensor] | None:
+    """The reference's next-token log-probabilities on the windows of ``text_windows``, one tensor
+    per batch of ``output_fidelity``, to compare every configuration with one reference pass; None
+    when they would take more than ``budget`` bytes (vocabulary x tokens x 4)."""
+    hf = unwrap(model)
+    windows = text_windows(model, tokens, window)
+    vocab = hf.get_output_embeddings().weight.shape[0]
+    if windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 > budget:
+        return None
+    device = next(hf.parameters()).device
+    return [torch.log_softmax(hf(input_ids=windows[s : s + batch_size].to(device), use_cache=False)
+                              .logits[:, :-1].float(), -1) for s in range(0, windows.shape[0], batch_size)]
+
+
+@torch.no_grad()
 def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int = 512, batch_size: int = 4,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, reference: list[torch.Tensor] | None = None) -> dict:
     """How close a configuration's next-token distributions are to the reference's on text: the
     mean KL divergence ``KL(reference || configuration)`` per token and the share of tokens whose
     top prediction agrees, with 95% bootstrap intervals over tokens; ``kl_null``: the KL of a
     uniform distribution from the reference (what an output that says nothing scores); and the
     configuration's ``ppl`` on the same windows (as ``perplexity`` computes it, from the same
-    forward). ``applied(model)`` is the context that runs the configuration (``Width.applied``);
-    windows as in ``text_windows``."""
+    forward). ``applied(model)`` is the context that runs the configuration (``Width.applied``;
+    None: the reference itself, run once); windows as in ``text_windows``. ``reference``: the
+    reference's log-probabilities from ``reference_logprobs`` (same windows and batch size), to
+    skip its forward passes."""
     hf = unwrap(model)
     device = next(hf.parameters()).device
     windows = text_windows(model, tokens, window)
@@ -74,9 +92,15 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int
     for start in range(0, n_windows, batch_size):
         ids = windows[start : start + batch_size].to(device)
         # the positions that predict a scored token (see text_windows)
-        ref = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
-        with applied(model):
-            q = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        if reference is not None:
+            ref = reference[start // batch_size]
+        else:
+            ref = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        if applied is None:  # the reference itself: one forward
+            q = ref
+        else:
+            with applied(model):
+                q = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
         nll -= float(q.gather(-1, ids[:, 1:, None]).sum())
         count += ids[:, 1:].numel()
         p = ref.exp()
@@ -89,6 +113,16 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int
     return {"kl": float(kl.mean()), "kl_lo": kl_lo, "kl_hi": kl_hi, "top1_agreement": float(agree.mean()),
             "top1_agreement_lo": a_lo, "top1_agreement_hi": a_hi, "kl_null": float(kl_null.mean()),
             "n_tokens": int(kl.size), "ppl": math.exp(nll / count)}
+
+
+def scoring_code() -> tuple:
+    """The functions prompt scores depend on, for the run store's keys."""
+    return (prompt_table, answer_token, encode_prompts, score_prompts, prob_and_rank, unwrap)
+
+
+def text_code() -> tuple:
+    """The functions text scores (perplexity, output fidelity) depend on, for the store's keys."""
+    return (text_windows, bos_id, reference_logprobs, output_fidelity, bootstrap_ci)
 
 
 def answer_token(tokenizer, obj: str) -> int:

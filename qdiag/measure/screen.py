@@ -13,7 +13,6 @@ model's weights, its tokenizer and this code, so a larger screen later scores on
 from __future__ import annotations
 
 import random
-import sys
 import time
 
 import pandas as pd
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..core import store
 from ..core.data import Fact
-from . import evaluate, readout
+from . import evaluate
 
 SCORES = ["prob", "rank", "pred_id"]
 
@@ -32,7 +31,7 @@ def screen(model: nn.Module, facts: list[Fact], batch_size: int = 64, progress: 
     scored now) and ``stored`` (prompts read from the store)."""
     t0 = time.perf_counter()
     table = evaluate.prompt_table(facts, model.tokenizer)
-    key = store.digest(store.model_digest(model), evaluate, readout, sys.modules[__name__])
+    key = store.digest(store.model_digest(model), store.code_digest(*evaluate.scoring_code()))
     on = ["prompt", "answer_id"]
     old = store.load("screen", key)
     todo = table.drop_duplicates(on)

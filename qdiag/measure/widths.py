@@ -30,7 +30,6 @@ from ..quant.quantize import FULL_PRECISION, QuantSpec
 from ..quant.quantizer import quantize_model
 from ..quant.swap import QuantizedWeights
 from . import evaluate as ev
-from . import readout
 
 
 @dataclass
@@ -133,11 +132,28 @@ def _each(model: nn.Module, configs: list, calib: torch.Tensor | None, progress:
 def output_fidelity(model: nn.Module, tokens: torch.Tensor, width: Width, window: int = 512,
                     seed: int = 0) -> dict:
     """``evaluate.output_fidelity`` of ``width`` against the reference (perplexity, KL, top-1
-    agreement), kept in the run store when the width has a key."""
-    key = None
-    if width.key:
-        key = store.digest(store.model_digest(model), width.key, tokens, window, seed, store.code_digest(ev))
-    return store.cached("fidelity", key, lambda: ev.output_fidelity(model, tokens, width.applied, window, seed=seed))
+    agreement), kept in the run store when the width has a key. The reference's log-probabilities
+    on the text are computed once for a loop over configurations (held while they fit in 2 GiB)."""
+    reference = store.model_digest(model)
+    code = store.code_digest(*ev.text_code())
+    key = store.digest(reference, width.key, tokens, window, seed, code) if width.key else None
+
+    def compute() -> dict:
+        if width.is_reference:
+            return ev.output_fidelity(model, tokens, None, window, seed=seed)
+        text = store.digest(reference, tokens, window)
+        if _REFERENCE_TEXT.get("key") != text:
+            _REFERENCE_TEXT.clear()  # one text at a time: the previous one's memory goes first
+            _REFERENCE_TEXT.update(key=text, logprobs=ev.reference_logprobs(model, tokens, window))
+        return ev.output_fidelity(model, tokens, width.applied, window, seed=seed,
+                                  reference=_REFERENCE_TEXT["logprobs"])
+
+    return store.cached("fidelity", key, compute)
+
+
+# The reference's log-probabilities on the last text compared (``output_fidelity``), keyed by the
+# reference's weights, the tokens and the window.
+_REFERENCE_TEXT: dict = {}
 
 
 def _released(model: nn.Module) -> AbstractContextManager:
@@ -152,7 +168,7 @@ class Reference:
 
     def __init__(self, model: nn.Module, facts: list[Fact], progress: bool = False) -> None:
         self.table = ev.prompt_table(facts, model.tokenizer)
-        self.key = store.digest(store.model_digest(model), self.table, store.code_digest(ev, readout))
+        self.key = store.digest(store.model_digest(model), self.table, store.code_digest(*ev.scoring_code()))
         self.scored = store.cached("scores", self.key,
                                    lambda: ev.score_prompts(model, model.tokenizer, self.table, progress=progress))
 
