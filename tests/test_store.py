@@ -117,3 +117,15 @@ def test_fidelity_is_stored_and_a_configuration_without_a_key_is_not(root):
     w.key = None
     output_fidelity(lm, tokens, w, window=32)
     assert len(list((root / "fidelity").glob("*.pkl"))) == 2
+
+
+def test_the_weights_digest_is_remembered_until_a_weight_is_written():
+    model = tiny_model()
+    first = store.weights_digest(model)
+    assert store.weights_digest(model) == first
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.001)  # in place: seen
+    second = store.weights_digest(model)
+    assert second != first
+    model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(128, 64))  # replaced: seen
+    assert store.weights_digest(model) not in (first, second)

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import io
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import FunctionType, ModuleType
@@ -64,16 +65,27 @@ def digest(*parts: object) -> str:
 def weights_digest(model: nn.Module) -> str:
     """A digest of the model's current parameters: every tensor's name, shape, dtype, sum, sum of
     squares and first values (a change of any weight moves the sums; hashing every byte of an 8B
-    model would take a minute)."""
+    model would take a minute). Remembered per model until a parameter is replaced or written in
+    place (torch counts in-place writes; writes through ``.data`` bypass that count, and qdiag
+    never makes them after loading)."""
+    hf = unwrap(model)
+    state = tuple((n, p.data_ptr(), p._version) for n, p in hf.named_parameters())
+    seen = _DIGESTS.get(hf)
+    if seen is not None and seen[0] == state:
+        return seen[1]
     h = hashlib.blake2b(digest_size=16)
-    for name, p in unwrap(model).named_parameters():
+    for name, p in hf.named_parameters():
         x = p.detach()
         if x.is_meta:
             raise ValueError(f"parameter {name} is on the meta device (offloaded); the store cannot key it")
         stats = torch.stack([x.double().sum(), x.double().square().sum()]).cpu().numpy()
         h.update(repr((name, tuple(x.shape), str(x.dtype))).encode())
         h.update(stats.tobytes() + x.flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    _DIGESTS[hf] = (state, h.hexdigest())
+    return _DIGESTS[hf][1]
+
+
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tokenizer_digest(tokenizer) -> str:
