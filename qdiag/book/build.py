@@ -154,6 +154,15 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
+def _bf16_units() -> bool:
+    """Whether the CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16; Linux only)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def status_page(runs: list[dict]) -> str:
     """Markdown for the status page: versions, machine, and each notebook's parameters and time."""
     import torch
@@ -162,6 +171,8 @@ def status_page(runs: list[dict]) -> str:
     lines = ["# Status", "", "What produced the numbers in this book.", "",
              f"Built {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.platform()}, "
              f"{os.cpu_count()} CPU cores, GPU: {gpu}, Python {platform.python_version()}.", "",
+             f"GPTQ's calibration passes run in float32, the model's dtype (the README says why); this CPU "
+             f"{'has' if _bf16_units() else 'has no'} bfloat16 matrix units.", "",
              "| package | version |", "| --- | --- |"]
     lines += [f"| {p} | {_version(p)} |" for p in PACKAGES]
     lines += ["", "Seconds are each chapter's execution on this machine; a chapter whose notebook, parameters, "
