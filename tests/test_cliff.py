@@ -22,3 +22,31 @@ def test_findings_from_a_hand_made_run():
     assert f["rtn4_rank_drop"] is True and f["rtn4_rank_collapse"] is False
     g = findings(result([2000, 30000]))
     assert g["rtn4_rank_drop"] is False and g["rtn4_rank_collapse"] is True
+
+
+def test_retention_is_the_share_of_known_prompts_a_width_keeps():
+    import torch
+
+    from qdiag.analyses.cliff import run_cliff
+    from qdiag.core.models import wrap
+    from qdiag.measure import evaluate as ev
+    from qdiag.measure.widths import each_width
+    from qdiag.quant.quantize import QuantSpec
+    from qdiag.testing import knowing_model
+
+    hf, tok, known = knowing_model(many=True)
+    lm = wrap(hf, tok)
+    specs = [QuantSpec(16), QuantSpec(3, 16), QuantSpec(2, 16)]
+    tokens = torch.randint(4, 40, (64,), generator=torch.Generator().manual_seed(0))
+    res = run_cliff(lm, known[:2], specs, tokens, ppl_window=32, n_generations=0, progress=False, known=known)
+    rows = res.rows.set_index("bits")
+    assert rows.loc[16, "retention"] == 1 and rows.loc[16, "n_known"] == len(known)
+    # independently: the known prompts each width still answers right, scored afresh
+    table = ev.prompt_table(known, tok)
+    for w in each_width(lm, specs[1:], progress=False):
+        with w.applied(lm):
+            kept = ev.score_prompts(lm, tok, table).correct.mean()
+        assert rows.loc[w.bits, "retention"] == kept
+        assert rows.loc[w.bits, "retention_lo"] <= kept <= rows.loc[w.bits, "retention_hi"]
+    assert set(res.ranked.method) == {"fp", "rtn"} and len(res.ranked) == 3 * len(known)
+    assert "rtn3_retention" in findings(res)

@@ -126,4 +126,6 @@ def findings(res: CliffResult) -> dict:
     if {"rtn", "gptq"} <= set(methods):
         for b in sorted(set(rows.loc["rtn"].index) & set(rows.loc["gptq"].index)):
             out[f"gptq_beats_rtn_{b}"] = bool(rows.loc[("gptq", b)].ppl < rows.loc[("rtn", b)].ppl)
+            if "retention" in rows.columns:
+                out[f"gptq_keeps_more_{b}"] = bool(rows.loc[("gptq", b)].retention > rows.loc[("rtn", b)].retention)
     return {k: v if isinstance(v, (bool, int, str)) else float(v) for k, v in out.items()}
