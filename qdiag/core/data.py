@@ -153,13 +153,20 @@ def sample_facts(facts: list[Fact], n: int | None, seed: int = 0) -> list[Fact]:
         raise ValueError("no facts to sample from")
     if n is not None and n < 1:
         raise ValueError(f"the number of facts must be at least 1, got {n}")
-    rng = random.Random(seed)
     by_rel: dict[str, list[Fact]] = {}
     for f in facts:
         by_rel.setdefault(f.relation, []).append(f)
-    pools = [rng.sample(v, len(v)) for _, v in sorted(by_rel.items())]
+    return round_robin(by_rel, n, seed)
+
+
+def round_robin(groups: dict[str, list], n: int | None, seed: int = 0) -> list:
+    """``n`` items (None: all) taken one group at a time, groups and the items within each in a
+    seeded random order: an even spread over groups, and a smaller ``n`` takes the first items of
+    a larger one."""
+    rng = random.Random(seed)
+    pools = [rng.sample(v, len(v)) for _, v in sorted(groups.items())]
     rng.shuffle(pools)
-    out: list[Fact] = []
+    out: list = []
     while pools and (n is None or len(out) < n):
         for pool in list(pools):
             if n is not None and len(out) >= n:

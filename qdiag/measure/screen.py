@@ -12,14 +12,13 @@ model's weights, its tokenizer and this code, so a larger screen later scores on
 
 from __future__ import annotations
 
-import random
 import time
 
 import pandas as pd
 from torch import nn
 
 from ..core import store
-from ..core.data import Fact
+from ..core.data import Fact, round_robin
 from . import evaluate
 
 SCORES = ["prob", "rank", "pred_id"]
@@ -60,17 +59,8 @@ def known_facts(screened: pd.DataFrame, facts: list[Fact], n_prompts: int | None
     if right.empty:
         raise ValueError(f"the reference answers none of the {len(screened)} screened prompts; screen more facts "
                          "(--screen-facts) or use a larger model")
-    rng = random.Random(seed)
-    pools = [rng.sample(list(g.itertuples(index=False)), len(g)) for _, g in sorted(right.groupby("relation"))]
-    rng.shuffle(pools)
-    chosen: list = []
-    while pools and (n_prompts is None or len(chosen) < n_prompts):
-        for pool in list(pools):
-            if n_prompts is not None and len(chosen) >= n_prompts:
-                break
-            chosen.append(pool.pop())
-            if not pool:
-                pools.remove(pool)
+    chosen = round_robin({rel: list(g.itertuples(index=False)) for rel, g in right.groupby("relation")},
+                         n_prompts, seed)
     by_id = {f.id: f for f in facts}
     templates: dict[str, set[int]] = {}
     for row in chosen:  # facts in the order their first prompt was drawn
