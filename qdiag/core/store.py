@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .arch import unwrap
+from .data import cache_dir
 from .io import atomic_write_bytes
 
 OFF = ("off", "0", "none", "false")
@@ -36,8 +37,6 @@ def root() -> Path | None:
         return None
     if value:
         return Path(value).expanduser()
-    from .data import cache_dir
-
     return cache_dir() / "store"
 
 

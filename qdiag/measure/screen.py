@@ -7,7 +7,8 @@ from random facts, most of which a small model never knew.
 
 A prompt is kept exactly when the reference's top next token is the answer's first token (the
 rule of ``evaluate.score_prompts``). Scores are kept in the run store per prompt, keyed by the
-model's weights, its tokenizer and this code, so a larger screen later scores only the new prompts.
+model's weights, its tokenizer and the scoring code (``evaluate.scoring_code``), so a larger screen
+later scores only the new prompts.
 """
 
 from __future__ import annotations
