@@ -87,8 +87,14 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registered name, hub id, HF folder or .gguf path")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--bits", type=_csv(_bits), default=[16, 8, 4, 3, 2], help="e.g. 16,8,4,3,2 (16 = FP)")
-    p.add_argument("--method", type=_csv(_method), default=["rtn", "gptq"], help="rtn, gptq or both")
+    p.add_argument("--bits", type=_csv(_bits), default=None,
+                   help="e.g. 16,8,4,3,2 (16 = FP); default 16,8,4,3,2, or only 16 with --quantized")
+    p.add_argument("--method", type=_csv(_method), default=["rtn", "gptq"],
+                   help="rtn, gptq and/or llama.cpp types (q4_0, q4_1, q5_0, q5_1, q8_0, tq1_0, tq2_0, mxfp4), "
+                        "comma-separated; a llama.cpp type fixes its own width")
+    p.add_argument("--quantized", type=_csv(str), default=[],
+                   help="existing quantized checkpoints of --model (.gguf files), comma-separated: analysed next to "
+                        "the --bits/--method configurations")
     p.add_argument("--group-size", type=_group_size, default=128, help="integer, or 'channel'")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
@@ -174,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--max-tokens", type=_positive, default=2048, help="token rows for the representation probes")
     di.add_argument("--batch-size", type=_positive, default=16)
     di.add_argument("--try-remedy", action="store_true", help="apply the suggested weight repairs and diagnose again")
-    di.set_defaults(ppl_tokens=2048, bits=[8, 4, 3, 2])
+    di.set_defaults(ppl_tokens=2048, default_bits=[8, 4, 3, 2])
     return parser
 
 
@@ -184,7 +190,7 @@ def setup(args: argparse.Namespace, calibrate: bool = False, ppl: bool = True):
     from .experiment import prepare
     from .measure.screen import describe
 
-    calibrate = calibrate or "gptq" in args.method
+    calibrate = calibrate or any(s.method == "gptq" for s in _specs(args))
     exp = prepare(args.model, n_facts=args.facts, known=args.known, screen_facts=args.screen_facts,
                   progress=not args.quiet, ppl_tokens=args.ppl_tokens if ppl else 0,
                   calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, data_root=args.data,
@@ -207,18 +213,45 @@ def _facts(exp) -> dict:
 
 
 def _specs(args: argparse.Namespace, quantized: bool = False) -> list:
+    """The --bits x --method configurations, checked now (and the checkpoints' files found), before
+    the model loads."""
     from .measure.widths import quantized_only
     from .quant.plan import width_specs
 
+    if args.bits is None:
+        args.bits = [16] if args.quantized else getattr(args, "default_bits", [16, 8, 4, 3, 2])
+    missing = [p for p in args.quantized if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no checkpoint at {missing[0]}")
     specs = width_specs(args.bits, args.method, args.group_size, args.sym)
-    return quantized_only(specs) if quantized else specs
+    return quantized_only(specs) if quantized and not args.quantized else specs
+
+
+def _configs(args: argparse.Namespace, exp, quantized: bool = False) -> list:
+    """The configurations to analyse: the --bits x --method specs, then each --quantized checkpoint
+    read against the loaded model (refused there if it does not fit)."""
+    from .measure.widths import checkpoint_width, quantized_only
+
+    configs = _specs(args) + [checkpoint_width(exp.model, p, progress=not args.quiet) for p in args.quantized]
+    for w in configs[len(configs) - len(args.quantized):]:
+        if not args.quiet:
+            print(w.checkpoint.describe(), file=sys.stderr)
+    return quantized_only(configs) if quantized else configs
+
+
+def _refuse_checkpoints(args: argparse.Namespace, command: str) -> None:
+    if args.quantized:
+        raise ValueError(f"{command} re-quantizes parts of the model with qdiag's own quantizers and cannot take an "
+                         "existing checkpoint yet; run cliff, lens, causal, components, representations or diagnose "
+                         "with --quantized")
 
 
 def cmd_cliff(args: argparse.Namespace) -> None:
     from .analyses.cliff import run_cliff, save_cliff
 
-    specs = _specs(args)
+    _specs(args)  # bad options fail here, before the model loads
     exp = setup(args)
+    specs = _configs(args, exp)
     res = run_cliff(exp.model, exp.facts, specs, exp.ppl_tokens, args.ppl_window, exp.calib, args.generations,
                     args.seed, progress=not args.quiet, known=exp.known)
     save_cliff(res, args.out, meta(args, n_facts=len(exp.facts), ppl_tokens=int(exp.ppl_tokens.numel()),
@@ -231,8 +264,9 @@ def cmd_cliff(args: argparse.Namespace) -> None:
 def cmd_lens(args: argparse.Namespace) -> None:
     from .analyses.lens import run_lens, save_lens
 
-    specs = _specs(args)
+    _specs(args)  # bad options fail here, before the model loads
     exp = setup(args, ppl=False)
+    specs = _configs(args, exp)
     res = run_lens(exp.model, exp.analysed, specs, exp.calib, args.final_norm, args.batch_size, args.seed,
                    progress=not args.quiet)
     save_lens(res, args.out, meta(args, **_facts(exp)), title=args.model)
@@ -244,8 +278,9 @@ def cmd_causal(args: argparse.Namespace) -> None:
     from .analyses.causal import check, run_causal, save_causal
 
     check(args.positions, args.sites, args.window)
-    specs = _specs(args, quantized=True)
+    _specs(args, quantized=True)  # bad options fail here, before the model loads
     exp = setup(args, ppl=False)
+    specs = _configs(args, exp, quantized=True)
     res = run_causal(exp.model, exp.analysed, specs, exp.calib, args.positions, args.sites, args.window, args.ablation,
                      args.injection, args.batch_size, args.seed, progress=not args.quiet)
     save_causal(res, args.out, meta(args, **_facts(exp)), title=args.model)
@@ -259,8 +294,9 @@ def cmd_components(args: argparse.Namespace) -> None:
     from .core.arch import resolve
 
     check(args.positions, args.top_fraction)
-    specs = _specs(args)
+    _specs(args)  # bad options fail here, before the model loads
     exp = setup(args, ppl=False)
+    specs = _configs(args, exp)
     rows = run_components(exp.model, exp.analysed, specs, exp.calib, args.positions, args.top_fraction,
                           args.batch_size, progress=not args.quiet)
     save_components(rows, args.out, meta(args, **_facts(exp)), gated=resolve(exp.model).gated,
@@ -275,8 +311,9 @@ def cmd_representations(args: argparse.Namespace) -> None:
     from .analyses.representations import check, run_representations, save_representations
 
     check(args.position, args.k, args.max_tokens)
-    specs = _specs(args)
+    _specs(args)  # bad options fail here, before the model loads
     exp = setup(args, ppl=False)
+    specs = _configs(args, exp)
     res = run_representations(exp.model, exp.analysed, specs, exp.calib, args.position, args.k, args.max_tokens,
                               args.batch_size, progress=not args.quiet)
     save_representations(res, args.out, meta(args, **_facts(exp)), title=args.model)
@@ -285,11 +322,13 @@ def cmd_representations(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
+    _refuse_checkpoints(args, "sensitivity")
     from .analyses.sensitivity import check, first_domino, run_sensitivity, save_sensitivity
 
     check(args.scopes)
-    specs = _specs(args, quantized=True)
+    _specs(args, quantized=True)  # bad options fail here, before the model loads
     exp = setup(args)
+    specs = _configs(args, exp, quantized=True)
     res = run_sensitivity(exp.model, exp.analysed, specs, exp.calib, args.scopes, exp.ppl_tokens, args.ppl_window,
                           args.seed, progress=not args.quiet)
     save_sensitivity(res, args.out, meta(args, **_facts(exp)), title=args.model)
@@ -299,12 +338,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> None:
+    _refuse_checkpoints(args, "repair")
     from .analyses.repair import check, run_repair, save_repair
     from .measure.amplify import ALPHAS
 
     check(args.eora_ranks, args.held_out, args.inject_layer)
-    specs = _specs(args, quantized=True)
+    _specs(args, quantized=True)  # bad options fail here, before the model loads
     exp = setup(args, calibrate=bool(args.eora_ranks))
+    specs = _configs(args, exp, quantized=True)
     res = run_repair(exp.model, exp.analysed, specs, exp.calib, exp.ppl_tokens, args.ppl_window, args.protect_k,
                      args.kurtosis, args.granularity, args.eora_ranks, args.alphas or ALPHAS, args.inject_layer,
                      args.held_out, args.seed, progress=not args.quiet)
@@ -317,8 +358,9 @@ def cmd_repair(args: argparse.Namespace) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from .diagnosis import diagnose
 
-    specs = _specs(args, quantized=True)
+    _specs(args, quantized=True)  # bad options fail here, before the model loads
     exp = setup(args, calibrate=args.try_remedy)
+    specs = _configs(args, exp, quantized=True)
     res = diagnose(exp.model, exp.analysed, specs, exp.calib, exp.ppl_tokens, args.ppl_window,
                    causal=args.evidence == "full", batch_size=args.batch_size, max_prompts=args.max_prompts,
                    max_tokens=args.max_tokens, try_remedy=args.try_remedy, seed=args.seed, progress=not args.quiet)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -160,3 +161,83 @@ def knowing(tmp_path: Path, layers: int = 2, family: str = "llama", seed: int = 
     for split in ("test", "valid"):
         (data / "wikitext-2" / f"{split}.txt").write_text(text)
     return str(path), data
+
+
+def _permute_for_gguf(w: np.ndarray, n_head: int, n_kv: int | None = None) -> np.ndarray:
+    # llama.cpp's convert_hf_to_gguf.py interleaves the rotary halves of Llama's q and k rows
+    if n_kv is not None and n_head != n_kv:
+        n_head = n_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, tokenizer, path: str | Path, qtype: str = "Q8_0", norm_scale: float = 1.0) -> Path:
+    """A tiny Llama written as llama.cpp's converter would, with the ``gguf`` package: names from its
+    tensor map, q and k rows permuted, the decoder's matrices in ``qtype`` and everything else in
+    float32. ``norm_scale`` multiplies every norm weight (as AWQ folds scales into norms)."""
+    import gguf
+
+    cfg = model.config
+    if cfg.model_type != "llama":
+        raise ValueError("write_gguf writes Llama models only")
+    path = Path(path)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(getattr(cfg, "rope_theta", None) or 10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    t = gguf.GGMLQuantizationType[qtype.upper()]
+    for name, p in model.state_dict().items():
+        base, _, suffix = name.rpartition(".")
+        w = p.detach().float().cpu().numpy()
+        if name.endswith("q_proj.weight"):
+            w = _permute_for_gguf(w, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = _permute_for_gguf(w, cfg.num_attention_heads, cfg.num_key_value_heads)
+        if "norm" in name:
+            w = w * norm_scale
+        gname = f"{names.get_name(base)}.{suffix}"
+        if w.ndim == 2 and ".layers." in name:
+            writer.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(w), t), raw_dtype=t)
+        else:
+            writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def requantize_gguf(source: str | Path, path: str | Path, qtype: str) -> Path:
+    """A copy of a GGUF file (every key and tensor) with the decoder's matrices (``blk.*``) de-quantized
+    and quantized again to ``qtype`` by the ``gguf`` package: a lower-bit file of the same model."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(Path(path), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    t = gguf.GGMLQuantizationType[qtype.upper()]
+    for tensor in reader.tensors:
+        data = tensor.data
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            w = gguf.quants.dequantize(data, tensor.tensor_type)
+            writer.add_tensor(tensor.name, gguf.quants.quantize(np.ascontiguousarray(w), t), raw_dtype=t)
+        else:
+            writer.add_tensor(tensor.name, np.array(data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -2,9 +2,10 @@ import json
 
 import pandas as pd
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qdiag.cli import main
-from qdiag.testing import knowing, tiny_model, tiny_tokenizer
+from qdiag.testing import knowing, tiny_model, tiny_tokenizer, write_gguf
 
 
 @pytest.fixture
@@ -216,5 +217,35 @@ def test_diagnose_end_to_end_with_a_remedy_tried(tmp_path):
 def test_diagnose_refuses_bad_input_before_any_work(local_model, tmp_path, data_dir, capsys, extra, message):
     out = tmp_path / "out"
     assert main(analysis_args("diagnose", local_model, out, data_dir, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cliff_and_diagnose_take_an_existing_checkpoint(tmp_path):
+    path, data = knowing(tmp_path, layers=4)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    ckpt = write_gguf(hf, AutoTokenizer.from_pretrained(path), tmp_path / "m.Q4_0.gguf", "Q4_0")
+    common = ["--model", str(path), "--quantized", str(ckpt), "--data", str(data), "--facts", "20", "--known", "0",
+              "--ppl-tokens", "200", "--ppl-window", "50", "--quiet"]
+    assert main(["cliff", *common, "--method", "q8_0", "--out", str(tmp_path / "cliff")]) == 0
+    rows = pd.DataFrame(json.loads((tmp_path / "cliff" / "cliff.json").read_text())["rows"])
+    # without --bits: the reference, the asked-for llama.cpp type, and the checkpoint
+    assert list(zip(rows.method, rows.bits, rows.avg_bits)) == [("fp", 16, 16.0), ("q8_0", 8, 8.5),
+                                                                ("gguf-Q4_0", 4, 4.5)]
+    assert main(["diagnose", *common, "--evidence", "triage", "--out", str(tmp_path / "diag")]) == 0
+    doc = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
+    assert [(c["method"], c["avg_bits"]) for c in doc["configurations"]] == [("gguf-Q4_0", 4.5)]
+    assert "m.Q4_0.gguf: decoder matrices in Q4_0 100%" in (tmp_path / "diag" / "diagnosis.md").read_text()
+
+
+@pytest.mark.parametrize(("command", "message"), [("repair", "cannot take an existing checkpoint"),
+                                                  ("sensitivity", "cannot take an existing checkpoint"),
+                                                  ("cliff", "no checkpoint at")])
+def test_checkpoints_refused_before_any_work(local_model, tmp_path, data_dir, capsys, command, message):
+    ckpt = tmp_path / "m.gguf"
+    if command != "cliff":
+        ckpt.write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(analysis_args(command, local_model, out, data_dir, "--quantized", str(ckpt))) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

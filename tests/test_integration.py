@@ -3,19 +3,32 @@ restores exactly. One model per module: every test leaves its weights as it foun
 last test checks."""
 
 import hashlib
+import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from qdiag.cli import main
 from qdiag.core import data
 from qdiag.core.arch import resolve, unwrap
 from qdiag.core.models import load_model
 from qdiag.measure import evaluate as ev
+from qdiag.quant import checkpoint
 from qdiag.quant.plan import avg_bits, uniform_plan
 from qdiag.quant.quantize import QuantSpec
 from qdiag.quant.quantizer import quantize_model
+from qdiag.testing import requantize_gguf
 
 pytestmark = pytest.mark.integration
+
+
+def default_gguf():
+    from qdiag.core.models import locate
+
+    folder, name = locate("smollm2-135m")
+    return Path(folder) / name
 
 
 def digest(model) -> str:
@@ -153,6 +166,34 @@ def test_the_diagnosis_tells_a_matched_pair_apart_on_the_default_model(known, br
     assert b["verdict"] == "computation_collapse" and n["verdict"] == "signal_degradation"
     assert b["first_domino"]["layer"] == 0
     assert b["first_domino"]["component"] == ("mlp" if breaker == "scrambled_gates" else "attention")
+
+
+def test_the_model_s_own_gguf_file_reads_back_as_the_reference(smollm):
+    # transformers de-quantized this very file into the reference: reading it as a checkpoint
+    # (packed, rows un-permuted by qdiag, the tied unembedding shared) must give the same weights
+    lm, _ = smollm
+    ckpt = checkpoint.read(lm, default_gguf())
+    hf = unwrap(lm)
+    assert ckpt.types == {"Q4_1": sum(hf.get_submodule(n).weight.numel() for n in resolve(lm).linear_names())}
+    assert ckpt.changed == [] and ckpt.weights.extras == {} and ckpt.avg_bits == 5.0
+    for name, q in ckpt.weights.tensors.items():
+        assert torch.equal(q.dequantize(), hf.get_submodule(name).weight), name
+
+
+def test_cliff_and_diagnose_on_gguf_files_written_from_the_default_model(tmp_path, data_dir):
+    # a Q4_0 file of the default model, next to qdiag's own Q8_0 quantizer
+    q4 = requantize_gguf(default_gguf(), tmp_path / "smol.Q4_0.gguf", "Q4_0")
+    common = ["--data", str(data_dir), "--quiet", "--ppl-tokens", "1024"]
+    assert main(["cliff", "--quantized", str(q4), "--method", "q8_0", "--facts", "8", "--known", "0",
+                 "--generations", "0", *common, "--out", str(tmp_path / "cliff")]) == 0
+    rows = pd.read_csv(tmp_path / "cliff" / "cliff.csv")
+    assert list(zip(rows.method, rows.avg_bits)) == [("fp", 16.0), ("q8_0", 8.5), ("gguf-Q4_0", 4.5)]
+    fp, ppl8, ppl4 = rows.ppl
+    assert abs(ppl8 / fp - 1) < 0.01 < ppl4 / fp - 1
+    assert main(["diagnose", "--quantized", str(q4), "--evidence", "triage", "--screen-facts", "120", "--known", "8",
+                 *common, "--out", str(tmp_path / "diagnosis")]) == 0
+    doc = json.loads((tmp_path / "diagnosis" / "diagnosis.json").read_text())
+    assert [c["method"] for c in doc["configurations"]] == ["gguf-Q4_0"]
 
 
 def test_weights_are_untouched_after_all_of_the_above(smollm):

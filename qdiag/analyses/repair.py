@@ -47,7 +47,7 @@ def protect_first(model: nn.Module, spec: QuantSpec, k: int, high_bits: int = 8)
     if not 0 <= k <= arch.n_layers:
         raise ValueError(f"k must be in 0..{arch.n_layers}, got {k}")
     plan = uniform_plan(model, spec)
-    high = QuantSpec(high_bits, spec.group_size, spec.sym, spec.method)
+    high = spec.at_bits(high_bits)
     plan.update({n: high for n in arch.linear_names(list(range(k)))})
     return plan
 
@@ -85,7 +85,7 @@ def protect_kurtosis(model: nn.Module, spec: QuantSpec, threshold: float, granul
         raise ValueError(f"granularity must be 'matrix' or 'channel', got {granularity!r}")
     table = kurtosis_table(model) if table is None else table
     plan = uniform_plan(model, spec)
-    high = QuantSpec(high_bits, spec.group_size, spec.sym, spec.method)
+    high = spec.at_bits(high_bits)
     plan.update({n: high for n in table.module[table[column] > threshold]})
     return plan
 
@@ -106,6 +106,8 @@ def matching_uniform(model: nn.Module, spec: QuantSpec, target_bits: float,
                      candidates: Sequence[int] = GROUP_CANDIDATES) -> tuple[QuantSpec, float]:
     """The uniform ``spec`` with the group size (from ``candidates``, ones that fit every layer)
     whose average bits are closest to ``target_bits``, and those bits."""
+    if spec.is_gguf:  # a GGUF type fixes its block size: the type itself is the only uniform match
+        return spec, avg_bits(model, uniform_plan(model, spec))
     arch = resolve(model)
     hf = unwrap(model)
     smallest = min(weight_matrix(hf.get_submodule(n)).shape[1] for n in arch.linear_names())
@@ -189,7 +191,7 @@ def _repair_width(model: nn.Module, ref: Reference, w: Width, choose: list[Fact]
                   eora_ranks: Sequence[int], alphas: Sequence[float], inject_layer: int | None, seed: int,
                   progress: bool) -> tuple[pd.DataFrame, dict]:
     tok = model.tokenizer
-    spec = QuantSpec(w.bits, w.group_size, w.sym, w.method)
+    spec = w.spec
     score_ids = {f.id for f in score}
     plain_plan, plain = w.plan, w.weights
     right = ref.reference_right(ref.score(model, w))

@@ -78,7 +78,7 @@ def run_sensitivity(model: nn.Module, facts: list[Fact], specs: list[QuantSpec],
     ref = Reference(model, facts)
     rows, prompts = [], []
     for w in each_width(model, specs, calib, progress=progress, desc="sensitivity"):
-        spec = QuantSpec(w.bits, w.group_size, w.sym, w.method)
+        spec = w.spec
         configs = [("none", "-", {}), ("all", "all", w.plan)]
         for scope in scopes:
             configs += [(scope, target, plan) for target, plan in sensitivity_plans(model, spec, scope)]

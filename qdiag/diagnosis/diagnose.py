@@ -134,20 +134,24 @@ def _judge(m: dict, fidelity: dict | None, w: Width, n_layers: int, seed: int) -
              "lost_lo": lost_lo, "lost_hi": lost_hi, "n_prompts": int(m["correct"].size),
              "carried_by": carried, "first_domino": rule.first_domino(layers),
              "disagreements": disagree.probe.tolist(),
-             "remedy": rule.remedy(verdict, layers, lens_peak, n_layers, quantized=w.plan is not None),
+             "remedy": rule.remedy(verdict, layers, lens_peak, n_layers,
+                                   quantized=w.plan is not None or w.checkpoint is not None),
              "evidence": records(ev)}
+    if w.checkpoint is not None:
+        entry["checkpoint"] = w.checkpoint.describe()
     return entry, ev, layers
 
 
 def _remedies(model: nn.Module, w: Width, entry: dict, calib: torch.Tensor | None) -> list[Width]:
-    """The suggested weight repairs of a quantized configuration, applied: one ``Width`` each."""
+    """The suggested weight repairs of a quantized configuration, applied: one ``Width`` each (not
+    yet for an existing checkpoint, whose repairs are suggested only)."""
     if w.weights is None or w.plan is None:
         return []
     out = []
     for action in entry["remedy"]["actions"]:
         if action["repair"] == "protect_layers" and action["layers"]:
             arch = resolve(model)
-            high = QuantSpec(action["bits"], w.group_size, bool(w.sym), w.method)
+            high = w.spec.at_bits(action["bits"])
             plan = {**w.plan, **{n: high for n in arch.linear_names(action["layers"])}}
             qw = requantize(model, w.weights, plan)
             out.append(Width(f"{w.method}+protect", w.bits, w.group_size, w.sym, avg_bits(model, plan), w.seconds,

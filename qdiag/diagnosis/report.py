@@ -61,6 +61,8 @@ def markdown(diag, title: str = "") -> str:
         if c["disagreements"]:
             lines.append(f"  Probes that point the other way: {', '.join(c['disagreements'])}.")
         lines.append(f"  Remedy: {c['remedy']['text']}")
+        if c.get("checkpoint"):
+            lines.append(f"  Checkpoint: {c['checkpoint']} Its repairs are suggested, not applied.")
     lines += ["", "## Evidence", "", "![evidence fingerprint](diagnosis_fingerprint.png)", "",
               "Each probe of the study's table, placed between the reference (0) and a non-functioning "
               "model (1); the local probes (bottom) decide the verdict.", "",

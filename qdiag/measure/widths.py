@@ -14,6 +14,7 @@ built directly and passed in the same list.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 
 from ..core import store
 from ..core.data import Fact
+from ..quant import checkpoint, gguf
+from ..quant.checkpoint import Checkpoint
 from ..quant.plan import Plan, avg_bits, check_specs, uniform_plan
 from ..quant.quantize import FULL_PRECISION, QuantSpec
 from ..quant.quantizer import quantize_model
@@ -50,6 +53,7 @@ class Width:
     weights: QuantizedWeights | None = field(default=None, repr=False)
     plan: Plan | None = field(default=None, repr=False)
     key: str | None = field(default=None, repr=False)
+    checkpoint: Checkpoint | None = field(default=None, repr=False)
 
     @property
     def is_reference(self) -> bool:
@@ -60,6 +64,18 @@ class Width:
         """The columns that identify this configuration in every result table."""
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
                 "avg_bits": self.avg_bits}
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The uniform spec this configuration was made from; raises for anything else (an existing
+        checkpoint, a mixed plan), which analyses that re-quantize parts of the model cannot take."""
+        if self.checkpoint is not None or self.plan is None or self.is_reference:
+            raise ValueError(f"{self.method} is not one of qdiag's uniform quantizations, and this analysis "
+                             "re-quantizes parts of the model with qdiag's quantizers: run cliff, lens, causal, "
+                             "components, representations or diagnose on it")
+        if self.method in gguf.TYPES:
+            return QuantSpec.gguf(self.method)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.method)
 
     def release(self) -> None:
         """Drop the quantized weights (the label stays)."""
@@ -84,6 +100,15 @@ def quantized_width(model: nn.Module, spec: QuantSpec, calib: torch.Tensor | Non
     qw = quantize_model(model, plan, calib, progress=progress)
     return Width(spec.method, spec.bits, spec.group_size, spec.sym, avg_bits(model, plan), qw.seconds,
                  apply=qw.applied, weights=qw, plan=plan, key=qw.key)
+
+
+def checkpoint_width(model: nn.Module, path: str, progress: bool = False) -> Width:
+    """An existing quantized checkpoint (a GGUF file) of ``model`` as a configuration: its matrices
+    swapped in packed, labelled by its main type (``gguf-Q4_K``) and its storage bits per weight."""
+    t0 = time.perf_counter()
+    ckpt = checkpoint.read(model, path, progress=progress)
+    return Width(ckpt.method, ckpt.bits, ckpt.group_size, None, ckpt.avg_bits, time.perf_counter() - t0,
+                 apply=ckpt.weights.applied, weights=ckpt.weights, key=ckpt.weights.key, checkpoint=ckpt)
 
 
 def each_width(model: nn.Module, configs: Iterable[QuantSpec | Width], calib: torch.Tensor | None = None,

@@ -305,7 +305,7 @@ def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor
                     order: str) -> dict[str, QTensor]:
     out: dict[str, QTensor] = {}
     ws = {n: weight_matrix(hf.get_submodule(n)).detach() for n in names}
-    rtn_names = [n for n in names if plan[n].method == "rtn"]
+    rtn_names = [n for n in names if plan[n].method != "gptq"]
     for n in rtn_names:
         out[n] = rtn(ws[n], plan[n])
     # stack GPTQ matrices with an identical spec: rows are independent given H

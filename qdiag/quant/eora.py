@@ -80,7 +80,7 @@ def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ran
     chunk: list[str] = []
     held = 0
     for layer in range(arch.n_layers):
-        names = [n for n in arch.linear_names([layer]) if isinstance(qw.tensors.get(n), QTensor)]
+        names = [n for n in arch.linear_names([layer]) if n in qw.tensors and not isinstance(qw.tensors[n], LowRank)]
         size = sum(weight_matrix(hf.get_submodule(n)).shape[1] ** 2 * 4 for n in names)
         if chunk and held + size > budget_bytes:
             _correct(hf, qw, input_moments(model, chunk, calib, batch_size), ranks, corrected)
@@ -89,7 +89,7 @@ def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ran
         held += size
     if chunk:
         _correct(hf, qw, input_moments(model, chunk, calib, batch_size), ranks, corrected)
-    return {r: QuantizedWeights(qw.plan, corrected[r], qw.seconds) for r in ranks}
+    return {r: QuantizedWeights(qw.plan, corrected[r], qw.seconds, extras=qw.extras) for r in ranks}
 
 
 def _correct(hf: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tensor], ranks: Sequence[int],

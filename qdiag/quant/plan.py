@@ -51,7 +51,8 @@ def check_specs(model: nn.Module, specs: Iterable[QuantSpec]) -> list[QuantSpec]
 def width_specs(bits: Sequence[int | str], methods: Sequence[str], group_size: int | None = 128,
                 sym: bool = True) -> list[QuantSpec]:
     """The configurations of a sweep over widths and quantizers; full precision once, first, and
-    widest first. Raises on bad input."""
+    widest first. A GGUF type (q4_0, ...) fixes its own width and block size: it comes once, after
+    the other quantizers, whatever ``bits`` holds. Raises on bad input."""
     if not bits:
         raise ValueError("no bit widths given")
     if not methods:
@@ -59,7 +60,8 @@ def width_specs(bits: Sequence[int | str], methods: Sequence[str], group_size: i
     widths = sorted({parse_bits(b) for b in bits}, reverse=True)
     specs = [QuantSpec(bits=FULL_PRECISION)] if FULL_PRECISION in widths else []
     specs += [QuantSpec(bits=b, group_size=group_size, sym=sym, method=m)
-              for m in methods for b in widths if b != FULL_PRECISION]
+              for m in methods if m in ("rtn", "gptq") for b in widths if b != FULL_PRECISION]
+    specs += [QuantSpec.gguf(m) for m in dict.fromkeys(methods) if m not in ("rtn", "gptq")]
     return specs
 
 

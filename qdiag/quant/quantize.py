@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-METHODS = ("rtn", "gptq")
+from . import gguf
+
+# rtn and gptq quantize to any width and group size; a GGUF type (q4_0, ...) fixes both.
+METHODS = ("rtn", "gptq", *gguf.TYPES)
 FULL_PRECISION = 16
 SCALE_BITS = 16  # scales are counted as 16-bit floats, as in packed GPTQ/AWQ checkpoints
 
@@ -39,6 +42,32 @@ class QuantSpec:
             raise ValueError(f"group_size must be a positive integer or None (per channel), got {self.group_size!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.is_gguf and not self.is_full_precision and (
+                self.bits != gguf.nominal_bits(self.method) or self.group_size != gguf.block_size(self.method)):
+            raise ValueError(f"{self.method} is {gguf.nominal_bits(self.method)}-bit in blocks of "
+                             f"{gguf.block_size(self.method)}; build it with QuantSpec.gguf({self.method!r})")
+
+    @classmethod
+    def gguf(cls, name: str) -> QuantSpec:
+        """llama.cpp's type ``name`` (q4_0, q8_0, ...): its width, block size and symmetry."""
+        t = gguf.qtype(name)
+        if t.name.lower() not in gguf.TYPES:
+            raise ValueError(f"qdiag cannot quantize to {t.name}; it quantizes to {', '.join(gguf.TYPES)}")
+        return cls(gguf.nominal_bits(t), gguf.block_size(t), not t.name.endswith("_1"), t.name.lower())
+
+    def at_bits(self, bits: int) -> QuantSpec:
+        """The same quantizer at another width (a GGUF type: the legacy type of that width, q8_0 for 8)."""
+        if not self.is_gguf:
+            return QuantSpec(bits, self.group_size, self.sym, self.method)
+        same = [t for t in gguf.TYPES if t[0] == "q" and gguf.nominal_bits(t) == bits]
+        if not same:
+            raise ValueError(f"no GGUF type of {bits} bits to go with {self.method}; "
+                             f"qdiag writes {', '.join(gguf.TYPES)}")
+        return QuantSpec.gguf(same[0])
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.method in gguf.TYPES
 
     @property
     def is_full_precision(self) -> bool:
@@ -46,6 +75,8 @@ class QuantSpec:
 
     def check(self, in_features: int, name: str = "weight") -> None:
         """Raise if the group size cannot apply to a matrix with ``in_features`` inputs."""
+        if self.is_gguf and not self.is_full_precision:
+            gguf.check(self.method, in_features, name)
         if not self.is_full_precision and self.group_size is not None and self.group_size > in_features:
             raise ValueError(
                 f"group_size {self.group_size} is larger than in_features={in_features} of {name}; "
@@ -55,6 +86,8 @@ class QuantSpec:
     def label(self) -> str:
         if self.is_full_precision:
             return "fp"
+        if self.is_gguf:
+            return self.method
         g = "ch" if self.group_size is None else f"g{self.group_size}"
         return f"{self.method}-w{self.bits}-{g}-{'sym' if self.sym else 'asym'}"
 
@@ -168,9 +201,12 @@ class QTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
-def rtn(w: torch.Tensor, spec: QuantSpec) -> QTensor:
-    """Round-to-nearest min-max quantization of an (out, in) matrix, group-wise along inputs."""
+def rtn(w: torch.Tensor, spec: QuantSpec) -> QTensor | gguf.GGUFTensor:
+    """Round-to-nearest quantization of an (out, in) matrix: min-max group-wise along inputs, or
+    llama.cpp's block format for a GGUF type (which also rounds to nearest, with its own scales)."""
     spec.check(w.shape[1])
+    if spec.is_gguf:
+        return gguf.quantize_matrix(w, spec.method)
     maxq = 2**spec.bits - 1
     wg = grouped(w.float(), spec.group_size)
     scale, zero = minmax_params(wg, spec.bits, spec.sym)
@@ -184,5 +220,7 @@ def bits_per_weight(spec: QuantSpec, in_features: int) -> float:
     asymmetric, a ``bits``-wide zero point per group (symmetric zero points are implied)."""
     if spec.is_full_precision:
         return float(FULL_PRECISION)
+    if spec.is_gguf:
+        return gguf.bits_per_weight(spec.method)
     per_group = SCALE_BITS + (0 if spec.sym else spec.bits)
     return spec.bits + per_group * n_groups(in_features, spec.group_size) / in_features

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.arch import unwrap, weight_matrix
-from . import calibrate, gptq, quantize
+from . import calibrate, gguf, gptq, quantize
 from .calibrate import sequential_quantize
 from .gptq import ORDERS
 from .plan import Plan, validate
@@ -30,7 +30,7 @@ def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor | None, **setti
     (a change to it, even one that only moves float rounding, must not load old results)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((__version__, sorted(settings.items()))).encode())
-    for module in (calibrate, gptq, quantize):
+    for module in (calibrate, gguf, gptq, quantize):
         h.update(inspect.getsource(module).encode())
     modules = dict(unwrap(model).named_modules())
     for name in sorted(plan):

@@ -26,17 +26,22 @@ from .quantize import QTensor, QuantSpec
 
 class QuantizedWeights:
     """The quantized view of a model: ``{module name: QTensor}`` plus the plan that made it;
-    ``key`` names its content (weights, plan, calibration, quantizer code) for the run store."""
+    ``key`` names its content (weights, plan, calibration, quantizer code) for the run store.
+    ``extras`` (``{parameter name: tensor}``) are other parameters swapped in with the weights: the
+    norms or biases an existing checkpoint changed."""
 
-    def __init__(self, plan: Plan, tensors: dict[str, QTensor], seconds: float = 0.0, key: str | None = None) -> None:
+    def __init__(self, plan: Plan, tensors: dict[str, QTensor], seconds: float = 0.0, key: str | None = None,
+                 extras: dict[str, torch.Tensor] | None = None) -> None:
         self.plan = plan
         self.tensors = tensors
         self.seconds = seconds
         self.key = key
+        self.extras = extras or {}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return sum(t.nbytes for t in self.tensors.values()) + sum(
+            t.numel() * t.element_size() for t in self.extras.values())
 
     @contextmanager
     def applied(self, model: nn.Module, cache: bool = False) -> Iterator[nn.Module]:
@@ -45,40 +50,55 @@ class QuantizedWeights:
         ``cache=True`` de-quantizes every matrix once on entry instead of at each forward: faster
         for many forwards, at the cost of holding the de-quantized matrices (use it for a few).
         """
-        modules = dict(unwrap(model).named_modules())
+        hf = unwrap(model)
+        modules = dict(hf.named_modules())
+        swaps = [(modules[name], "weight", _matrix(modules[name], q)) for name, q in self.tensors.items()]
+        for name, t in self.extras.items():
+            owner, _, leaf = name.rpartition(".")
+            swaps.append((hf.get_submodule(owner), leaf, _fixed(t)))
         handles = []
-        for name, q in self.tensors.items():
-            handles += _install(modules[name], q, cache)
+        for module, leaf, make in swaps:
+            handles += _install(module, leaf, make, cache)
         try:
             yield model
         finally:
             for h in handles:
                 h.remove()
-            for name in self.tensors:
-                _restore(modules[name])
+            for module, leaf, _ in swaps:
+                _restore(module, leaf)
 
 
-def _install(module: nn.Module, q: QTensor, cache: bool = False) -> list:
-    fp0 = module._parameters["weight"]
-    cached = from_matrix(module, q.dequantize(fp0.dtype).to(fp0.device)) if cache else None
+def _matrix(module: nn.Module, q: QTensor):
+    def make(fp: torch.Tensor) -> torch.Tensor:
+        return from_matrix(module, q.dequantize(fp.dtype).to(fp.device))
+    return make
+
+
+def _fixed(t: torch.Tensor):
+    def make(fp: torch.Tensor) -> torch.Tensor:
+        return t.to(fp.device, fp.dtype)
+    return make
+
+
+def _install(module: nn.Module, leaf: str, make, cache: bool = False) -> list:
+    cached = make(module._parameters[leaf]) if cache else None
 
     def swap_in(mod: nn.Module, args: tuple) -> None:
-        fp = mod._parameters["weight"]
-        mod.__dict__["_qdiag_fp"] = fp  # bypass nn.Module.__setattr__, which would register it
+        fp = mod._parameters[leaf]
+        mod.__dict__[f"_qdiag_fp_{leaf}"] = fp  # bypass nn.Module.__setattr__, which would register it
         # a plain tensor in _parameters: autograd-free, and invisible to optimisers
-        mod._parameters["weight"] = cached if cached is not None else from_matrix(
-            mod, q.dequantize(fp.dtype).to(fp.device))
+        mod._parameters[leaf] = cached if cached is not None else make(fp)
 
     def swap_out(mod: nn.Module, args: tuple, output: object) -> None:
-        _restore(mod)
+        _restore(mod, leaf)
 
     return [module.register_forward_pre_hook(swap_in), module.register_forward_hook(swap_out)]
 
 
-def _restore(module: nn.Module) -> None:
-    fp = module.__dict__.pop("_qdiag_fp", None)
+def _restore(module: nn.Module, leaf: str = "weight") -> None:
+    fp = module.__dict__.pop(f"_qdiag_fp_{leaf}", None)
     if fp is not None:
-        module._parameters["weight"] = fp
+        module._parameters[leaf] = fp
 
 
 def save(qw: QuantizedWeights, path: str | os.PathLike) -> Path:

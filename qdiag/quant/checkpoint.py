@@ -1,0 +1,275 @@
+"""A quantized checkpoint someone else made (a llama.cpp GGUF file), read into the swap of its
+full-precision base model: the checkpoint's matrices stay packed and de-quantize at each forward,
+exactly as qdiag's own quantizations do, so one copy of the base weights is held.
+
+    ckpt = read(model, "model.Q2_K.gguf")    # checked against the base before anything else
+    with ckpt.weights.applied(model):
+        ...                                  # the model as the checkpoint has it
+
+The checkpoint is checked against the base first: architecture, layer count, vocabulary and every
+tensor's shape; a mismatch raises and names what differs. Parameters the checkpoint holds outside
+the decoder's matrices (embeddings, the unembedding, norms) are compared with the base's; those
+that differ are swapped in too and listed in ``changed``, because then the weight-space difference
+is not the quantization error of the decoder's matrices alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize as np_dequantize
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.arch import _is_conv1d, resolve, unwrap
+from . import gguf
+from .swap import QuantizedWeights
+
+
+@dataclass
+class Checkpoint:
+    """An existing checkpoint read against its base: the weights to swap in and what they are."""
+
+    path: str
+    weights: QuantizedWeights
+    types: dict[str, int]  # GGUF type name -> weights of the decoder's matrices stored in it
+    avg_bits: float  # storage bits per weight of the decoder's matrices, scales included
+    changed: list[str] = field(default_factory=list)  # parameters outside them that differ from the base
+    ignored: list[str] = field(default_factory=list)  # checkpoint tensors the base has no place for
+
+    @property
+    def main_type(self) -> str:
+        """The type holding most of the decoder's weights (``Q4_K`` for a ``Q4_K_M`` file)."""
+        return max(self.types, key=self.types.get)
+
+    @property
+    def method(self) -> str:
+        return f"gguf-{self.main_type}"
+
+    @property
+    def bits(self) -> int:
+        return gguf.nominal_bits(self.main_type)
+
+    @property
+    def group_size(self) -> int:
+        return gguf.block_size(self.main_type)
+
+    def describe(self) -> str:
+        """One paragraph for logs and reports: the file, its types, and what else it changes."""
+        total = sum(self.types.values())
+        types = ", ".join(f"{t} {n / total:.0%}" for t, n in sorted(self.types.items(), key=lambda kv: -kv[1]))
+        text = (f"{Path(self.path).name}: decoder matrices in {types}, {self.avg_bits:.2f} bits per weight "
+                f"(scales included).")
+        if self.changed:
+            text += (f" It also changes {len(self.changed)} parameters outside the decoder's matrices "
+                     f"({', '.join(self.changed[:4])}{', ...' if len(self.changed) > 4 else ''}), swapped in too: "
+                     "the weight-space error is then not the quantization error alone.")
+        return text
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def read(model: nn.Module, path: str | os.PathLike, progress: bool = False) -> Checkpoint:
+    """Read a GGUF checkpoint of ``model``'s architecture into swappable weights; raises, before
+    any de-quantization, when it does not fit the base (naming what differs)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not is_checkpoint(path):
+        raise ValueError(f"{path} is not a GGUF file (.gguf); qdiag reads llama.cpp's GGUF checkpoints")
+    reader = GGUFReader(path)
+    hf = unwrap(model)
+    processor, mapping = _mapping(hf, reader)
+    _check_base(hf, model.tokenizer, reader)
+    params = dict(hf.named_parameters(remove_duplicate=False))
+    modules = dict(hf.named_modules())
+    config = {"config": hf.config.to_dict()}
+    found, ignored = {}, []
+    for t in reader.tensors:
+        shape = tuple(reversed([int(n) for n in t.shape]))
+        packed = len(shape) == 2 and t.tensor_type not in gguf.FLOAT_TYPES
+        # the family's layout changes (transformers' processor): on row numbers for a packed matrix
+        # (llama.cpp permutes Llama's q and k rows), else on the de-quantized values
+        source = np.arange(shape[0]).reshape(-1, 1) if packed else np_dequantize(t.data, t.tensor_type)
+        result = processor.process(weights=source, name=t.name, tensor_key_mapping=mapping, parsed_parameters=config)
+        pname = mapping.get(result.name)
+        if pname not in params:
+            ignored.append(t.name)
+            continue
+        found[pname] = (t, shape, np.asarray(result.weights), packed)
+    _check_shapes(params, found, modules)
+
+    arch = resolve(model)
+    linear = set(arch.linear_names())
+    tensors, extras, changed, types = {}, {}, [], Counter()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(inspect.getsource(gguf).encode() + inspect.getsource(read).encode())
+    for pname, (t, shape, value, packed) in tqdm(found.items(), desc="checkpoint", disable=not progress):
+        owner, _, leaf = pname.rpartition(".")
+        module, base = modules[owner], params[pname]
+        h.update(repr((pname, t.tensor_type.name, shape)).encode() + np.ascontiguousarray(t.data).tobytes())
+        if owner in linear:
+            types[t.tensor_type.name] += int(np.prod(shape))
+        conv = _is_conv1d(module)
+        if packed and value.shape == (shape[0], 1) and not conv:
+            data = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(shape[0], -1))
+            if not np.array_equal(value[:, 0], np.arange(shape[0])):
+                data = data[torch.from_numpy(value[:, 0].astype(np.int64))]
+            q = gguf.GGUFTensor(data, int(t.tensor_type), shape[1])
+        else:
+            if packed:  # a processor that does more than reorder rows: de-quantize it whole
+                value = processor.process(weights=np_dequantize(t.data, t.tensor_type), name=t.name,
+                                          tensor_key_mapping=mapping, parsed_parameters=config).weights
+            w = torch.from_numpy(np.array(value, dtype=np.float32)).reshape(base.shape)
+            q = _Dense(w.t() if conv else w) if leaf == "weight" and w.dim() == 2 else None
+        if owner in linear:
+            tensors[owner] = q  # the quantization itself: always swapped in
+            continue
+        now = q.dequantize(torch.float32) if q is not None else w
+        now = now.t() if q is not None and conv else now
+        if torch.equal(now.reshape(base.shape).to(base.dtype), base.detach().cpu()):
+            continue  # the checkpoint keeps the base's value
+        changed.append(pname)
+        if q is not None:
+            tensors[owner] = q
+        else:
+            extras[pname] = w
+    _tie(hf, params, found, tensors)
+    avg = sum(gguf.bits_per_weight(t) * n for t, n in types.items()) / max(sum(types.values()), 1)
+    if not types:
+        raise ValueError(f"{path.name} holds none of the decoder's weight matrices of this {arch.family} model")
+    plan = {}  # not a qdiag plan: the checkpoint's own types, described by ``types``
+    weights = QuantizedWeights(plan, tensors, 0.0, key=h.hexdigest(), extras=extras)
+    return Checkpoint(str(path), weights, dict(types), avg, changed, ignored)
+
+
+@dataclass
+class _Dense:
+    """A matrix the checkpoint stores in float, or whose layout qdiag must change after de-quantizing."""
+
+    w: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.w.to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size()
+
+
+def _mapping(hf: nn.Module, reader: GGUFReader):
+    """transformers' processor for the file's architecture, and ``{GGUF tensor name: base parameter}``
+    from the gguf package's tensor map (as transformers maps them, with the map built once)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    arch = _field(reader, "general.architecture")
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf.config.to_dict())
+    model_type = _GGUF_NAMES.get(hf.config.model_type, hf.config.model_type)
+    key = next((k for k, v in MODEL_ARCH_NAMES.items() if v == model_type), None)
+    if key is None:
+        raise ValueError(f"the gguf package knows no GGUF architecture for the base's type {hf.config.model_type!r}")
+    names = get_tensor_name_map(key, resolve(hf).n_layers)
+    mapping = {}
+    for hf_name in hf.state_dict():
+        name = processor.preprocess_name(hf_name)
+        stem, _, suffix = name.rpartition(".") if name.endswith((".weight", ".bias")) else (name, "", "")
+        parts = stem.split(".")
+        for k in range(len(parts)):  # the name, then without its leading module names
+            gguf_name = names.get_name(".".join(parts[k:]))
+            if gguf_name is not None:
+                mapping.setdefault(gguf_name + ("." + suffix if suffix else ""), hf_name)
+                break
+    return processor, mapping
+
+
+# transformers' model types whose GGUF architecture is spelled otherwise
+_GGUF_NAMES = {"gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "cohere": "command-r",
+               "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2", "gemma4_text": "gemma4", "umt5": "t5",
+               "mistral": "llama", "gpt_neox": "gptneox"}
+
+
+def _field(reader: GGUFReader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    value = f.contents()
+    return value
+
+
+def _check_base(hf: nn.Module, tokenizer, reader: GGUFReader) -> None:
+    """The file's architecture, layer count and vocabulary against the base's."""
+    from gguf import MODEL_ARCH_NAMES
+
+    arch = _field(reader, "general.architecture")
+    model_type = hf.config.model_type
+    names = {v for v in MODEL_ARCH_NAMES.values()}
+    expected = _GGUF_NAMES.get(model_type, model_type)
+    if arch != expected and arch in names:
+        raise ValueError(f"the checkpoint is a {arch!r} model but the base (--model) is {model_type!r}: "
+                         "pass the base the checkpoint was quantized from")
+    blocks = _field(reader, f"{arch}.block_count")
+    n_layers = resolve(hf).n_layers
+    if blocks is not None and int(blocks) != n_layers:
+        raise ValueError(f"the checkpoint has {blocks} layers, the base {n_layers}: "
+                         "pass the base it was quantized from")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is not None and tokenizer is not None:
+        ours = tokenizer.convert_ids_to_tokens(list(range(min(len(tokens), len(tokenizer)))))
+        if len(tokens) != len(tokenizer):
+            raise ValueError(f"the checkpoint's vocabulary has {len(tokens)} tokens, the base's tokenizer "
+                             f"{len(tokenizer)}: pass the base the checkpoint was quantized from")
+        diff = next((i for i, (a, b) in enumerate(zip(tokens, ours)) if a != b), None)
+        if diff is not None:
+            raise ValueError(f"the checkpoint's token {diff} is {tokens[diff]!r}, the base tokenizer's {ours[diff]!r}: "
+                             "the vocabularies differ; pass the base the checkpoint was quantized from")
+
+
+def _check_shapes(params: dict, found: dict, modules: dict) -> None:
+    def fits(p: str, shape: tuple) -> bool:
+        if _is_conv1d(modules[p.rpartition(".")[0]]):
+            return int(np.prod(shape)) == params[p].numel()
+        return shape == tuple(params[p].shape)
+
+    bad = [f"{p}: checkpoint {shape}, base {tuple(params[p].shape)}" for p, (_, shape, _, _) in found.items()
+           if not fits(p, shape)]
+    if bad:
+        raise ValueError(f"{len(bad)} tensors of the checkpoint do not fit the base ({'; '.join(bad[:3])}): "
+                         "pass the base the checkpoint was quantized from")
+    tied = {id(v) for k, v in params.items() if k in found}
+    missing = [p for p, v in params.items() if p not in found and id(v) not in tied]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} of the base's parameters ({', '.join(missing[:3])}): "
+                         "it is not a checkpoint of this model")
+
+
+def _tie(hf: nn.Module, params: dict, found: dict, tensors: dict) -> None:
+    """A parameter shared by two modules (tied embedding and unembedding) is swapped in both."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in params.items():
+        by_id.setdefault(id(p), []).append(name.rpartition(".")[0])
+    for owners in by_id.values():
+        have = [o for o in owners if o in tensors]
+        for o in owners:
+            if have and o not in tensors:
+                tensors[o] = tensors[have[0]]
+
+
+def quantized_types() -> list[str]:
+    """Every GGUF type this reader de-quantizes (those the gguf package can)."""
+    return [t.name for t in GGMLQuantizationType if t not in gguf.FLOAT_TYPES and t.name in _DEQUANTIZABLE]
+
+
+_DEQUANTIZABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0",
+                  "TQ2_0", "MXFP4", "NVFP4", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M",
+                  "IQ4_NL", "IQ4_XS", "BF16"}
