@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from ..core.arch import resolve, unwrap, weight_matrix
 from .gptq import gptq
+from .hqq import without_calibration
 from .plan import Plan
-from .quantize import QTensor, rtn
+from .quantize import QTensor
 from .swap import QuantizedWeights
 
 
@@ -305,9 +306,9 @@ def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor
                     order: str) -> dict[str, QTensor]:
     out: dict[str, QTensor] = {}
     ws = {n: weight_matrix(hf.get_submodule(n)).detach() for n in names}
-    rtn_names = [n for n in names if plan[n].method != "gptq"]
-    for n in rtn_names:
-        out[n] = rtn(ws[n], plan[n])
+    free = [n for n in names if plan[n].method not in ("gptq", "awq")]
+    for n in free:
+        out[n] = without_calibration(ws[n], plan[n])
     # stack GPTQ matrices with an identical spec: rows are independent given H
     by_spec: dict = defaultdict(list)
     for n in names:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from . import gguf
 
-# rtn and gptq quantize to any width and group size; a GGUF type (q4_0, ...) fixes both.
-METHODS = ("rtn", "gptq", *gguf.TYPES)
+# rtn, gptq, hqq and awq quantize to any width and group size; a GGUF type (q4_0, ...) fixes both.
+METHODS = ("rtn", "gptq", "hqq", "awq", *gguf.TYPES)
+CALIBRATED = ("gptq", "awq")
 FULL_PRECISION = 16
 SCALE_BITS = 16  # scales are counted as 16-bit floats, as in packed GPTQ/AWQ checkpoints
 
@@ -222,5 +223,6 @@ def bits_per_weight(spec: QuantSpec, in_features: int) -> float:
         return float(FULL_PRECISION)
     if spec.is_gguf:
         return gguf.bits_per_weight(spec.method)
-    per_group = SCALE_BITS + (0 if spec.sym else spec.bits)
+    # HQQ's zero point is a 16-bit float like the scale; a symmetric one is implied
+    per_group = SCALE_BITS + (SCALE_BITS if spec.method == "hqq" else 0 if spec.sym else spec.bits)
     return spec.bits + per_group * n_groups(in_features, spec.group_size) / in_features

@@ -16,11 +16,11 @@ from torch import nn
 
 from .. import __version__
 from ..core.arch import unwrap, weight_matrix
-from . import calibrate, gguf, gptq, quantize
+from . import calibrate, gguf, gptq, hqq, quantize
 from .calibrate import sequential_quantize
 from .gptq import ORDERS
+from .hqq import without_calibration
 from .plan import Plan, validate
-from .quantize import rtn
 from .swap import QuantizedWeights, load, save
 
 
@@ -30,7 +30,7 @@ def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor | None, **setti
     (a change to it, even one that only moves float rounding, must not load old results)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((__version__, sorted(settings.items()))).encode())
-    for module in (calibrate, gguf, gptq, quantize):
+    for module in (calibrate, gguf, gptq, hqq, quantize):
         h.update(inspect.getsource(module).encode())
     modules = dict(unwrap(model).named_modules())
     for name in sorted(plan):
@@ -80,7 +80,7 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     else:
         key = _cache_key(model, active, None)
         modules = dict(unwrap(model).named_modules())
-        tensors = {n: rtn(weight_matrix(modules[n]).detach(), s) for n, s in active.items()}
+        tensors = {n: without_calibration(weight_matrix(modules[n]).detach(), s) for n, s in active.items()}
     return QuantizedWeights(plan, tensors, time.perf_counter() - t0, key)
 
 
@@ -93,5 +93,5 @@ def requantize(model: nn.Module, base: QuantizedWeights, plan: Plan) -> Quantize
     tensors = dict(base.tensors)
     for name, spec in plan.items():
         if base.plan.get(name) != spec:
-            tensors[name] = rtn(weight_matrix(hf.get_submodule(name)).detach(), spec)
+            tensors[name] = without_calibration(weight_matrix(hf.get_submodule(name)).detach(), spec)
     return QuantizedWeights(plan, tensors, base.seconds)
