@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .core.models import DEFAULT_MODEL
-from .quant.quantize import METHODS, parse_bits
+from .quant.quantize import CALIBRATED, METHODS, parse_bits
 
 
 def _csv(kind):
@@ -90,8 +90,8 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=_csv(_bits), default=None,
                    help="e.g. 16,8,4,3,2 (16 = FP); default 16,8,4,3,2, or only 16 with --quantized")
     p.add_argument("--method", type=_csv(_method), default=["rtn", "gptq"],
-                   help="rtn, gptq and/or llama.cpp types (q4_0, q4_1, q5_0, q5_1, q8_0, tq1_0, tq2_0, mxfp4), "
-                        "comma-separated; a llama.cpp type fixes its own width")
+                   help="rtn, gptq, hqq, awq and/or llama.cpp types (q4_0, q4_1, q5_0, q5_1, q8_0, tq1_0, tq2_0, "
+                        "mxfp4), comma-separated; a llama.cpp type fixes its own width")
     p.add_argument("--quantized", type=_csv(str), default=[],
                    help="existing quantized checkpoints of --model (.gguf files), comma-separated: analysed next to "
                         "the --bits/--method configurations")
@@ -190,7 +190,7 @@ def setup(args: argparse.Namespace, calibrate: bool = False, ppl: bool = True):
     from .experiment import prepare
     from .measure.screen import describe
 
-    calibrate = calibrate or any(s.method == "gptq" for s in _specs(args))
+    calibrate = calibrate or any(s.method in CALIBRATED for s in _specs(args))
     exp = prepare(args.model, n_facts=args.facts, known=args.known, screen_facts=args.screen_facts,
                   progress=not args.quiet, ppl_tokens=args.ppl_tokens if ppl else 0,
                   calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, data_root=args.data,

@@ -351,3 +351,24 @@ def input_moments(model: nn.Module, names: list[str], calib: torch.Tensor,
         for h in hooks:
             h.remove()
     return {k: (v / count[k]).cpu() for k, v in H.items()}
+
+
+def moments_by_chunk(model: nn.Module, names_by_layer: list[list[str]], calib: torch.Tensor, batch_size: int = 8,
+                     budget_bytes: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """``input_moments`` of every named matrix, a few layers at a time so that at most
+    ``budget_bytes`` of ``(in, in)`` moments are held (default: a quarter of the model's weight
+    bytes, at least 1 GiB); each chunk costs one calibration pass. Yields one dict per chunk."""
+    hf = unwrap(model)
+    if budget_bytes is None:
+        budget_bytes = max(sum(p.numel() * p.element_size() for p in hf.parameters()) // 4, 2**30)
+    chunk: list[str] = []
+    held = 0
+    for names in names_by_layer:
+        size = sum(weight_matrix(hf.get_submodule(n)).shape[1] ** 2 * 4 for n in names)
+        if chunk and held + size > budget_bytes:
+            yield input_moments(model, chunk, calib, batch_size)
+            chunk, held = [], 0
+        chunk += names
+        held += size
+    if chunk:
+        yield input_moments(model, chunk, calib, batch_size)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.arch import resolve, unwrap, weight_matrix
-from .calibrate import input_moments
+from .calibrate import moments_by_chunk
 from .plan import Plan
 from .quantize import QTensor, QuantSpec, bits_per_weight
 from .swap import QuantizedWeights
@@ -74,21 +74,11 @@ def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ran
         raise ValueError(f"ranks must be at least 1, got {list(ranks)}")
     hf = unwrap(model)
     arch = resolve(hf)
-    if budget_bytes is None:
-        budget_bytes = max(sum(p.numel() * p.element_size() for p in hf.parameters()) // 4, 2**30)
     corrected: dict[int, dict] = {r: dict(qw.tensors) for r in ranks}
-    chunk: list[str] = []
-    held = 0
-    for layer in range(arch.n_layers):
-        names = [n for n in arch.linear_names([layer]) if n in qw.tensors and not isinstance(qw.tensors[n], LowRank)]
-        size = sum(weight_matrix(hf.get_submodule(n)).shape[1] ** 2 * 4 for n in names)
-        if chunk and held + size > budget_bytes:
-            _correct(hf, qw, input_moments(model, chunk, calib, batch_size), ranks, corrected)
-            chunk, held = [], 0
-        chunk += names
-        held += size
-    if chunk:
-        _correct(hf, qw, input_moments(model, chunk, calib, batch_size), ranks, corrected)
+    names = [[n for n in arch.linear_names([layer]) if n in qw.tensors and not isinstance(qw.tensors[n], LowRank)]
+             for layer in range(arch.n_layers)]
+    for moments in moments_by_chunk(model, names, calib, batch_size, budget_bytes):
+        _correct(hf, qw, moments, ranks, corrected)
     return {r: QuantizedWeights(qw.plan, corrected[r], qw.seconds, extras=qw.extras) for r in ranks}
 
 

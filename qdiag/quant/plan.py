@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from ..core.arch import resolve, unwrap, weight_matrix
+from . import gguf
 from .quantize import FULL_PRECISION, QuantSpec, bits_per_weight, parse_bits
 
 Plan = dict[str, QuantSpec]
@@ -60,8 +61,8 @@ def width_specs(bits: Sequence[int | str], methods: Sequence[str], group_size: i
     widths = sorted({parse_bits(b) for b in bits}, reverse=True)
     specs = [QuantSpec(bits=FULL_PRECISION)] if FULL_PRECISION in widths else []
     specs += [QuantSpec(bits=b, group_size=group_size, sym=sym, method=m)
-              for m in methods if m in ("rtn", "gptq") for b in widths if b != FULL_PRECISION]
-    specs += [QuantSpec.gguf(m) for m in dict.fromkeys(methods) if m not in ("rtn", "gptq")]
+              for m in methods if m not in gguf.TYPES for b in widths if b != FULL_PRECISION]
+    specs += [QuantSpec.gguf(m) for m in dict.fromkeys(methods) if m in gguf.TYPES]
     return specs
 
 

@@ -202,6 +202,23 @@ class QTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
+@dataclass
+class Scaled:
+    """A quantized ``W diag(s)`` read back as ``Q(W diag(s)) diag(s)^-1`` (AWQ): the per-input-channel
+    scale ``s`` is folded into the previous operation when deployed, so it costs no storage."""
+
+    base: QTensor
+    col_scale: torch.Tensor  # (in,)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        base = self.base.dequantize(torch.float32)
+        return (base / self.col_scale.to(base.device)).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes
+
+
 def rtn(w: torch.Tensor, spec: QuantSpec) -> QTensor | gguf.GGUFTensor:
     """Round-to-nearest quantization of an (out, in) matrix: min-max group-wise along inputs, or
     llama.cpp's block format for a GGUF type (which also rounds to nearest, with its own scales)."""

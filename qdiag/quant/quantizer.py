@@ -16,11 +16,12 @@ from torch import nn
 
 from .. import __version__
 from ..core.arch import unwrap, weight_matrix
-from . import calibrate, gguf, gptq, hqq, quantize
+from . import awq, calibrate, gguf, gptq, hqq, quantize
 from .calibrate import sequential_quantize
 from .gptq import ORDERS
 from .hqq import without_calibration
 from .plan import Plan, validate
+from .quantize import CALIBRATED
 from .swap import QuantizedWeights, load, save
 
 
@@ -30,7 +31,7 @@ def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor | None, **setti
     (a change to it, even one that only moves float rounding, must not load old results)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((__version__, sorted(settings.items()))).encode())
-    for module in (calibrate, gguf, gptq, hqq, quantize):
+    for module in (awq, calibrate, gguf, gptq, hqq, quantize):
         h.update(inspect.getsource(module).encode())
     modules = dict(unwrap(model).named_modules())
     for name in sorted(plan):
@@ -47,11 +48,11 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
                    order: str = "group", true_sequential: bool = True, batch_size: int = 8,
                    calib_dtype: torch.dtype | None = None, progress: bool = True,
                    cache_dir: str | os.PathLike | None = None) -> QuantizedWeights:
-    """Quantize the weights a plan names; GPTQ specs need ``calib`` token ids (n, seq_len).
+    """Quantize the weights a plan names; GPTQ and AWQ specs need ``calib`` token ids (n, seq_len).
 
     The model's own parameters are left untouched; use ``.applied(model)`` to run quantized.
     ``calib_dtype`` runs GPTQ's calibration passes in another dtype (see ``sequential_quantize``).
-    GPTQ results are kept in ``cache_dir`` (default: ``$QDIAG_QUANT_CACHE``, unset means no cache),
+    GPTQ and AWQ results are kept in ``cache_dir`` (default: ``$QDIAG_QUANT_CACHE``, unset means no cache),
     keyed by the weights, plan, calibration tokens and settings, so a rerun loads them instead.
     """
     validate(model, plan)
@@ -59,29 +60,39 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
         raise ValueError(f"unknown GPTQ column order {order!r}; choose one of {', '.join(ORDERS)}")
     t0 = time.perf_counter()
     active = {n: s for n, s in plan.items() if not s.is_full_precision}
-    if any(s.method == "gptq" for s in active.values()):
+    if any(s.method in CALIBRATED for s in active.values()):
         if calib is None or calib.numel() == 0:
-            raise ValueError("GPTQ needs calibration token ids; pass calib=qdiag.data.calibration_tokens(...)")
+            raise ValueError("GPTQ and AWQ need calibration token ids; pass calib=qdiag.data.calibration_tokens(...)")
         cache_dir = cache_dir or os.environ.get("QDIAG_QUANT_CACHE")
         settings = dict(damp=damp, order=order, true_sequential=true_sequential)
         if calib_dtype is not None:
             settings["calib_dtype"] = str(calib_dtype)
-        path = Path(cache_dir) / f"{_cache_key(model, active, calib, **settings)}.pt" if cache_dir else None
         key = _cache_key(model, active, calib, **settings)
         path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
         if path is not None and path.exists():
             cached = load(path)
             return QuantizedWeights(plan, cached.tensors, cached.seconds, key)
-        tensors = sequential_quantize(model, active, calib, damp=damp, order=order,
-                                      true_sequential=true_sequential, batch_size=batch_size,
-                                      calib_dtype=calib_dtype, progress=progress)
+        rest = {n: s for n, s in active.items() if s.method != "awq"}
+        if any(s.method == "gptq" for s in rest.values()):
+            tensors = sequential_quantize(model, rest, calib, damp=damp, order=order,
+                                          true_sequential=true_sequential, batch_size=batch_size,
+                                          calib_dtype=calib_dtype, progress=progress)
+        else:
+            tensors = _without_calibration(model, rest)
+        awq_plan = {n: s for n, s in active.items() if s.method == "awq"}
+        if awq_plan:
+            tensors.update(awq.awq(model, awq_plan, calib, batch_size, progress))
         if path is not None:
             save(QuantizedWeights(active, tensors, time.perf_counter() - t0), path)
     else:
         key = _cache_key(model, active, None)
-        modules = dict(unwrap(model).named_modules())
-        tensors = {n: without_calibration(weight_matrix(modules[n]).detach(), s) for n, s in active.items()}
+        tensors = _without_calibration(model, active)
     return QuantizedWeights(plan, tensors, time.perf_counter() - t0, key)
+
+
+def _without_calibration(model: nn.Module, plan: Plan) -> dict:
+    modules = dict(unwrap(model).named_modules())
+    return {n: without_calibration(weight_matrix(modules[n]).detach(), s) for n, s in plan.items()}
 
 
 def requantize(model: nn.Module, base: QuantizedWeights, plan: Plan) -> QuantizedWeights:

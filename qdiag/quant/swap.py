@@ -21,7 +21,7 @@ from torch import nn
 from ..core.arch import from_matrix, unwrap
 from ..core.io import atomic_write_bytes
 from .plan import Plan
-from .quantize import QTensor, QuantSpec
+from .quantize import QTensor, QuantSpec, Scaled
 
 
 class QuantizedWeights:
@@ -105,7 +105,7 @@ def save(qw: QuantizedWeights, path: str | os.PathLike) -> Path:
     """Write the codes, scales and plan to one file (whole or not at all)."""
     buf = io.BytesIO()
     torch.save({"plan": {n: asdict(s) for n, s in qw.plan.items()},
-                "tensors": {n: asdict(t) for n, t in qw.tensors.items()}, "seconds": qw.seconds}, buf)
+                "tensors": {n: _record(t) for n, t in qw.tensors.items()}, "seconds": qw.seconds}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -113,4 +113,14 @@ def load(path: str | os.PathLike) -> QuantizedWeights:
     """Read what ``save`` wrote."""
     d = torch.load(path, weights_only=True)
     return QuantizedWeights({n: QuantSpec(**s) for n, s in d["plan"].items()},
-                            {n: QTensor(**t) for n, t in d["tensors"].items()}, d["seconds"])
+                            {n: _tensor(t) for n, t in d["tensors"].items()}, d["seconds"])
+
+
+def _record(t: QTensor | Scaled) -> dict:
+    if isinstance(t, Scaled):
+        return {"base": asdict(t.base), "col_scale": t.col_scale}
+    return asdict(t)
+
+
+def _tensor(d: dict) -> QTensor | Scaled:
+    return Scaled(QTensor(**d["base"]), d["col_scale"]) if "base" in d else QTensor(**d)
