@@ -1,5 +1,7 @@
 import pandas as pd
+import pytest
 
+from qdiag.analyses import cliff
 from qdiag.analyses.cliff import CliffResult, findings
 
 
@@ -50,3 +52,15 @@ def test_retention_is_the_share_of_known_prompts_a_width_keeps():
         assert rows.loc[w.bits, "retention_lo"] <= kept <= rows.loc[w.bits, "retention_hi"]
     assert set(res.ranked.method) == {"fp", "rtn"} and len(res.ranked) == 3 * len(known)
     assert "rtn3_retention" in findings(res)
+
+
+def test_quantizer_findings_compare_quantizers_at_each_width():
+    rows = pd.DataFrame({"method": ["fp", "rtn", "awq", "q4_0", "rtn", "hqq"], "bits": [16, 4, 4, 4, 3, 3],
+                         "avg_bits": [16, 4.125, 4.125, 4.5, 3.125, 3.25], "ppl": [10, 14, 12, 13, 30, 24],
+                         "retention": [1, 0.5, 0.6, 0.7, 0.2, 0.1]})
+    f = cliff.quantizer_findings(rows)
+    assert (f["best_ppl_4"], f["best_ppl_4_avg_bits"], f["ppl_spread_4"]) == ("awq", 4.125, 14 / 12)
+    assert (f["best_retention_4"], f["same_best_4"]) == ("q4_0", False)
+    assert (f["best_ppl_3"], f["best_retention_3"], f["same_best_3"]) == ("hqq", "rtn", False)
+    assert f["retention_spread_3"] == pytest.approx(0.1)
+    assert cliff.quantizer_findings(rows[rows.method.isin(["fp", "rtn"])]) == {}  # one quantizer: nothing to compare

@@ -6,6 +6,7 @@ apart. Each test also checks which probe carried the decision."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from qdiag.core.models import wrap
@@ -126,3 +127,16 @@ def test_diagnose_runs_end_to_end_on_every_family(family):
     assert quantized["verdict"] in ("intact", "signal_degradation", "transitional", "computation_collapse")
     assert broken["verdict"] == "computation_collapse" and broken["first_domino"]["layer"] == 1
     assert len(d.layers) == 2 * 2 * 2  # configurations x layers x components
+
+
+def test_quantizer_findings_say_whether_the_verdict_follows_the_bits():
+    from qdiag.diagnosis import report as R
+
+    verdicts = pd.DataFrame({"method": ["rtn", "awq", "rtn", "awq"], "bits": [4, 4, 2, 2],
+                             "score": [0.2, 0.1, 0.9, 0.4],
+                             "verdict": ["signal_degradation", "signal_degradation", "computation_collapse",
+                                         "signal_degradation"]})
+    f = R.quantizer_findings(verdicts)
+    assert f["same_verdict_4"] and not f["same_verdict_2"]
+    assert f["verdicts_2"] == "rtn: Computation Collapse; awq: Signal Degradation"
+    assert R.quantizer_figure(verdicts).axes[0].get_xticklabels()[1].get_text() == "awq"

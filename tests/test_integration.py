@@ -17,7 +17,7 @@ from qdiag.core.models import load_model
 from qdiag.measure import evaluate as ev
 from qdiag.quant import checkpoint
 from qdiag.quant.plan import avg_bits, uniform_plan
-from qdiag.quant.quantize import QuantSpec
+from qdiag.quant.quantize import QuantSpec, rtn
 from qdiag.quant.quantizer import quantize_model
 from qdiag.testing import requantize_gguf
 
@@ -178,6 +178,17 @@ def test_the_model_s_own_gguf_file_reads_back_as_the_reference(smollm):
     assert ckpt.changed == [] and ckpt.weights.extras == {} and ckpt.avg_bits == 5.0
     for name, q in ckpt.weights.tensors.items():
         assert torch.equal(q.dequantize(), hf.get_submodule(name).weight), name
+
+
+def test_q4_1_gives_the_default_model_back_unchanged(smollm):
+    # the reference is de-quantized Q4_1: each block's min and max are on its grid, so re-quantizing
+    # with the same type returns every weight (what chapter 1 tells its readers)
+    lm, _ = smollm
+    hf = unwrap(lm)
+    for name in resolve(lm).linear_names()[:7]:
+        w = hf.get_submodule(name).weight
+        assert torch.equal(rtn(w, QuantSpec.gguf("q4_1")).dequantize(), w)
+        assert not torch.equal(rtn(w, QuantSpec.gguf("q4_0")).dequantize(), w)
 
 
 def test_cliff_and_diagnose_on_gguf_files_written_from_the_default_model(tmp_path, data_dir):

@@ -129,3 +129,24 @@ def findings(res: CliffResult) -> dict:
             if "retention" in rows.columns:
                 out[f"gptq_keeps_more_{b}"] = bool(rows.loc[("gptq", b)].retention > rows.loc[("rtn", b)].retention)
     return {k: v if isinstance(v, (bool, int, str)) else float(v) for k, v in out.items()}
+
+
+def quantizer_findings(rows: pd.DataFrame) -> dict:
+    """Does the quantizer matter, or only the bits? Per nominal width with two or more quantizers:
+    the one with the lowest perplexity, the one keeping most screened prompts, and the spreads
+    (worst over best perplexity; most minus fewest prompts kept), with each one's average bits."""
+    out: dict = {}
+    rows = rows[rows.method != "fp"]
+    for b, d in rows.groupby("bits"):
+        if d.method.nunique() < 2:
+            continue
+        best = d.loc[d.ppl.idxmin()]
+        out[f"best_ppl_{b}"] = str(best.method)
+        out[f"best_ppl_{b}_avg_bits"] = float(best.avg_bits)
+        out[f"ppl_spread_{b}"] = float(d.ppl.max() / d.ppl.min())
+        if "retention" in d and d.retention.notna().any():
+            keep = d.loc[d.retention.idxmax()]
+            out[f"best_retention_{b}"] = str(keep.method)
+            out[f"retention_spread_{b}"] = float(d.retention.max() - d.retention.min())
+            out[f"same_best_{b}"] = bool(best.method == keep.method)
+    return out

@@ -151,32 +151,62 @@ def verdict_markdown(diag) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SHORT = {"intact": "intact", "signal_degradation": "degr.", "transitional": "trans.",
+          "computation_collapse": "collapse"}
+
+
+def _verdict_grid(ax, d: pd.DataFrame, column: str, xlabel: str) -> None:
+    """Bits down, ``column``'s values across; each cell coloured by its score (0 reference, 1
+    collapsed) and labelled with its verdict and score."""
+    bits = sorted(d.bits.unique(), reverse=True)
+    cols = list(dict.fromkeys(d[column]))
+    grid = np.full((len(bits), len(cols)), np.nan)
+    for r in d.itertuples():
+        i, j = bits.index(r.bits), cols.index(getattr(r, column))
+        grid[i, j] = r.score
+        ax.text(j, i, f"{_SHORT[r.verdict]}\n{r.score:.2f}", ha="center", va="center", fontsize=8)
+    ax.imshow(np.clip(grid, 0, 1), cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(bits)), [f"{b}-bit" for b in bits])
+    ax.set_xlabel(xlabel)
+
+
 def phase_figure(verdicts: pd.DataFrame, title: str = "") -> plt.Figure:
     """Bits down, group size across: each cell coloured by its score (0 reference, 1 collapsed)
     and labelled with its verdict; one panel per method."""
     methods = list(dict.fromkeys(verdicts.method))
     fig, axes = _panels(1, len(methods), 4.2, 3.2)
-    short = {"intact": "intact", "signal_degradation": "degr.", "transitional": "trans.",
-             "computation_collapse": "collapse"}
     for ax, m in zip(axes[0], methods):
         d = verdicts[verdicts.method == m].copy()
         d["group"] = d.group_size.map(lambda g: "channel" if g is None or (isinstance(g, float) and math.isnan(g))
                                       else f"g{int(g)}")
-        bits = sorted(d.bits.unique(), reverse=True)
-        groups = list(dict.fromkeys(d.group))
-        grid = np.full((len(bits), len(groups)), np.nan)
-        for r in d.itertuples():
-            i, j = bits.index(r.bits), groups.index(r.group)
-            grid[i, j] = r.score
-            ax.text(j, i, f"{short[r.verdict]}\n{r.score:.2f}", ha="center", va="center", fontsize=8)
-        ax.imshow(np.clip(grid, 0, 1), cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(groups)), groups)
-        ax.set_yticks(range(len(bits)), [f"{b}-bit" for b in bits])
+        _verdict_grid(ax, d, "group", "group size")
         ax.set_title(f"{m.upper()}")
-        ax.set_xlabel("group size")
     if title:
         fig.suptitle(title)
     return fig
+
+
+def quantizer_figure(verdicts: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Bits down, quantizer across: does the verdict follow the bits or the quantizer?"""
+    n = verdicts.method.nunique()
+    fig, axes = _panels(1, 1, max(4.2, 1.3 * n), 3.4)
+    _verdict_grid(axes[0][0], verdicts, "method", "quantizer")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def quantizer_findings(verdicts: pd.DataFrame) -> dict:
+    """Per nominal width with two or more quantizers: whether they share one verdict, and each
+    one's verdict in words (for the book's prose)."""
+    out: dict = {}
+    for b, d in verdicts.groupby("bits"):
+        if d.method.nunique() < 2:
+            continue
+        out[f"same_verdict_{b}"] = bool(d.verdict.nunique() == 1)
+        out[f"verdicts_{b}"] = "; ".join(f"{m}: {WORDS[v]}" for m, v in zip(d.method, d.verdict))
+    return out
 
 
 def findings(diag, method: str) -> dict:

@@ -55,6 +55,38 @@ def cliff_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
+def quantizer_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Perplexity relative to the reference and the share of known prompts kept (Acc@any where no
+    screening ran), against average bits per weight: one marker per quantizer, its widths joined,
+    so quantizers compare at equal storage. Panels stacked, for a page's width."""
+    fp = rows[rows.method == "fp"].iloc[0]
+    q = rows[rows.method != "fp"]
+    keep = "retention" if "retention" in q and q.retention.notna().any() else "acc_any"
+    methods = list(dict.fromkeys(q.method))
+    palette = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    markers = dict(zip(methods, "osD^vP*Xph<>"))
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 7.5), sharex=True, constrained_layout=True)
+    for m in methods:
+        d = q[q.method == m].sort_values("avg_bits")
+        axes[0].plot(d.avg_bits, d.ppl / fp.ppl, marker=markers[m], color=palette[m], label=m)
+        axes[1].plot(d.avg_bits, d[keep], marker=markers[m], color=palette[m], label=m)
+        for _, r in d.iterrows():
+            axes[1].annotate(f"{r.bits}", (r.avg_bits, r[keep]), textcoords="offset points", xytext=(4, 4),
+                             fontsize=9, color=palette[m])
+    axes[0].set_yscale("log")
+    axes[0].axhline(1, color="grey", lw=1, ls="--")
+    axes[0].set_ylabel("perplexity / reference (log)")
+    axes[1].set_ylabel("share of known prompts kept" if keep == "retention" else "Acc@any")
+    axes[1].axhline(fp[keep], color="grey", lw=1, ls="--")
+    axes[1].set_xlabel("average bits per weight (scales and zero points included; labels: nominal bits)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="quantizer", ncol=2, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def rank_figure(prompts: pd.DataFrame, method: str, title: str = "") -> plt.Figure:
     """Distribution of the correct answer's rank per bit width (log scale), for prompts the
     reference gets right: a "rank drop" stays near the top, a "rank collapse" falls to thousands."""
