@@ -3,6 +3,7 @@ with the gguf package), read against their base: what they de-quantize to, what 
 and which bases they refuse."""
 
 import copy
+import json
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ def base():
 
 def round_trip(w: torch.Tensor, qtype: str) -> torch.Tensor:
     t = GGMLQuantizationType[qtype]
-    return torch.from_numpy(dequantize(quantize(w.numpy(), t), t))
+    return torch.from_numpy(dequantize(quantize(w.detach().cpu().numpy(), t), t)).to(w.device)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1"])
@@ -58,7 +59,7 @@ def test_parameters_changed_outside_the_matrices_are_swapped_in_and_reported(bas
             p.data.mul_(1.5)
         elif ".layers." in name and p.dim() == 2:
             p.data.copy_(round_trip(p.data, "Q8_0"))
-    ids = torch.randint(4, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, 60, (2, 9), generator=torch.Generator().manual_seed(0)).to(hf.device)
     with ckpt.weights.applied(base):
         got = hf(ids).logits
     assert torch.allclose(got, expected(ids).logits, atol=1e-5)
@@ -81,7 +82,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(base, tm
     with pytest.raises(ValueError, match="do not fit the base"):
         checkpoint.read(wider, path)
     (tmp_path / "m.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="not a GGUF file"):
+    with pytest.raises(ValueError, match="neither a GGUF file"):
         checkpoint.read(base, tmp_path / "m.safetensors")
 
 
@@ -111,4 +112,146 @@ def test_the_permutation_is_undone_only_where_llama_cpp_made_it(base, tmp_path):
     hf = unwrap(base)
     assert (q - hf.model.layers[0].self_attn.q_proj.weight).abs().max() < 0.01
     assert (v - hf.model.layers[0].self_attn.v_proj.weight).abs().max() < 0.01
+    assert q.device == v.device == hf.device  # packed where the base is, de-quantized there
     assert np.isclose(ckpt.avg_bits, 8.5)
+
+
+# GPTQ and AWQ checkpoints in the Hugging Face layout, written by an independent packer (numpy loops)
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def quantize_groups(w: np.ndarray, g_idx: np.ndarray, bits: int):
+    """Asymmetric min-max codes per (group, output), float16 scales, and the weights they give."""
+    n_groups = g_idx.max() + 1
+    q = np.zeros(w.shape, dtype=np.int64)
+    scales = np.zeros((n_groups, w.shape[0]), dtype=np.float16)
+    zeros = np.zeros((n_groups, w.shape[0]), dtype=np.int64)
+    for g in range(n_groups):
+        cols = np.where(g_idx == g)[0]
+        lo, hi = w[:, cols].min(1), w[:, cols].max(1)
+        s = ((hi - lo) / (2**bits - 1)).astype(np.float16)
+        z = np.clip(np.round(-lo / s.astype(np.float32)), 0, 2**bits - 1).astype(np.int64)
+        q[:, cols] = np.clip(np.round(w[:, cols] / s[:, None].astype(np.float32)) + z[:, None], 0, 2**bits - 1)
+        scales[g], zeros[g] = s, z
+    expected = scales.astype(np.float32)[g_idx].T * (q - zeros[g_idx].T)
+    return q, scales, zeros, expected
+
+
+def pack(values: np.ndarray, bits: int) -> int:
+    word = 0
+    for j, v in enumerate(values):
+        word |= int(v) << (bits * j)
+    return word
+
+
+def to_int32(words) -> torch.Tensor:
+    return torch.from_numpy(np.array(words, dtype=np.uint64).astype(np.uint32).view(np.int32))
+
+
+def gptq_tensors(w: np.ndarray, bits: int, group: int, act_order: bool, v2: bool, seed: int = 0) -> tuple:
+    out, n_in = w.shape
+    per = 32 // bits
+    g_idx = np.arange(n_in) // group
+    if act_order:  # groups follow the order columns were quantized in
+        perm = np.random.default_rng(seed).permutation(n_in)
+        g_idx = np.empty(n_in, dtype=np.int64)
+        g_idx[perm] = np.arange(n_in) // group
+    q, scales, zeros, expected = quantize_groups(w, g_idx, bits)
+    qt = q.T  # (in, out)
+    qweight = [[pack(qt[r * per:(r + 1) * per, o], bits) for o in range(out)] for r in range(n_in // per)]
+    stored = zeros - (0 if v2 else 1)
+    qzeros = [[pack(stored[g, c * per:(c + 1) * per], bits) for c in range(out // per)] for g in range(len(scales))]
+    parts = {"qweight": to_int32(qweight), "qzeros": to_int32(qzeros), "scales": torch.from_numpy(scales),
+             "g_idx": torch.from_numpy(g_idx.astype(np.int32))}
+    return parts, expected
+
+
+def awq_tensors(w: np.ndarray, group: int) -> tuple:
+    out, n_in = w.shape
+    q, scales, zeros, expected = quantize_groups(w, np.arange(n_in) // group, 4)
+    qt = q.T  # (in, out)
+
+    def packed(m: np.ndarray) -> list:
+        return [[pack([m[r, c * 8 + AWQ_ORDER[i]] for i in range(8)], 4) for c in range(m.shape[1] // 8)]
+                for r in range(m.shape[0])]
+
+    parts = {"qweight": to_int32(packed(qt)), "qzeros": to_int32(packed(zeros)), "scales": torch.from_numpy(scales)}
+    return parts, expected
+
+
+def write_packed(hf, folder, fmt: str, bits: int = 4, group: int = 32, act_order: bool = False, v2: bool = False,
+                 norm_scale: float = 1.0):
+    """A GPTQ or AWQ checkpoint folder of ``hf``; returns it and the weights each matrix must read back as."""
+    from safetensors.torch import save_file
+
+    from qdiag.core.arch import resolve
+
+    folder.mkdir()
+    tensors, expected = {}, {}
+    linear = set(resolve(hf).linear_names())
+    for name, p in hf.state_dict().items():
+        module = name.rpartition(".")[0]
+        if module in linear and name.endswith(".weight"):
+            w = p.float().cpu().numpy()
+            parts, expected[module] = (gptq_tensors(w, bits, group, act_order, v2) if fmt == "gptq"
+                                       else awq_tensors(w, group))
+            tensors.update({f"{module}.{k}": v for k, v in parts.items()})
+        else:
+            tensors[name] = (p * norm_scale if "norm" in name else p).contiguous().cpu()
+    save_file(tensors, str(folder / "model.safetensors"))
+    qc = {"quant_method": fmt, "bits": bits, "group_size": group}
+    if fmt == "gptq":
+        qc.update(desc_act=act_order, checkpoint_format="gptq_v2" if v2 else "gptq")
+    else:
+        qc.update(version="gemm", zero_point=True)
+    (folder / "config.json").write_text(json.dumps({**hf.config.to_dict(), "quantization_config": qc}))
+    return folder, expected
+
+
+@pytest.mark.parametrize(("fmt", "bits", "act_order", "v2"), [("gptq", 4, False, False), ("gptq", 4, True, False),
+                                                              ("gptq", 2, True, True), ("gptq", 8, False, True),
+                                                              ("awq", 4, False, False)])
+def test_gptq_and_awq_checkpoints_read_back_to_what_was_packed(base, tmp_path, fmt, bits, act_order, v2):
+    hf = unwrap(base)
+    folder, expected = write_packed(hf, tmp_path / "ckpt", fmt, bits, 32, act_order, v2)
+    ckpt = checkpoint.read(base, folder)
+    for name, w in expected.items():
+        assert torch.equal(ckpt.weights.tensors[name].dequantize().cpu(), torch.from_numpy(w).float()), name
+    assert ckpt.changed == [] and (ckpt.method, ckpt.bits, ckpt.group_size) == (f"{fmt}-ckpt", bits, 32)
+    # storage: codes, a 16-bit scale and a packed zero point per (group of 32, output); GPTQ adds
+    # an int32 group index per input
+    shapes = [tuple(hf.get_submodule(n).weight.shape) for n in expected]
+    stored = sum(o * i * bits + (i // 32) * o * (16 + bits) + (32 * i if fmt == "gptq" else 0) for o, i in shapes)
+    assert ckpt.avg_bits == pytest.approx(stored / sum(o * i for o, i in shapes))
+
+
+def test_a_packed_checkpoint_with_changed_norms_runs_as_a_configuration(base, tmp_path):
+    hf = unwrap(base)
+    folder, _ = write_packed(hf, tmp_path / "ckpt", "gptq", norm_scale=1.5)
+    w = checkpoint_width(base, folder)
+    assert w.label["method"] == "gptq-ckpt" and sorted(w.checkpoint.changed) == sorted(
+        n for n in hf.state_dict() if "norm" in n)
+    ids = torch.randint(4, 60, (1, 6), generator=torch.Generator().manual_seed(0)).to(hf.device)
+    with w.applied(base):
+        got = hf(ids).logits
+    assert not torch.allclose(got, hf(ids).logits)
+
+
+def test_packed_checkpoints_refused_naming_the_difference(base, tmp_path):
+    hf = unwrap(base)
+    folder = write_packed(hf, tmp_path / "a", "gptq", bits=4)[0]
+    with pytest.raises(ValueError, match="3-bit packed checkpoints are not supported"):
+        checkpoint.read(base, _edit_config(folder, bits=3))
+    with pytest.raises(ValueError, match="layer count is 2, the base's 3"):
+        checkpoint.read(wrap(tiny_model("llama", layers=3), tiny_tokenizer()),
+                        write_packed(hf, tmp_path / "c", "gptq")[0])
+    with pytest.raises(ValueError, match="'fp8' is not read yet"):
+        checkpoint.read(base, _edit_config(write_packed(hf, tmp_path / "d", "gptq")[0], quant_method="fp8"))
+
+
+def _edit_config(folder, **quantization):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(quantization)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

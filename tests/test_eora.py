@@ -39,7 +39,7 @@ def test_low_rank_beats_the_plain_svd_in_the_calibration_norm(setting):
         E = w - qw.tensors[name].dequantize()
         U, S, Vh = torch.linalg.svd(E, full_matrices=False)
         plain = E - (U[:, :2] * S[:2]) @ Vh[:2]
-        H = moments[name]
+        H = moments[name].to(w.device)
         err_eora = reconstruction_error(w, low.tensors[name].dequantize(), H)
         assert err_eora <= reconstruction_error(plain, torch.zeros_like(plain), H) * (1 + 1e-5)
         assert err_eora < reconstruction_error(w, qw.tensors[name].dequantize(), H)

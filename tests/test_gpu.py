@@ -55,3 +55,26 @@ def test_every_command_runs_on_the_gpu(knowing_model, tmp_path, command, dtype):
         self = rows[rows.bits == 16]
         col = "mlp_cosine" if command == "components" else "subspace_sim"
         assert self[col].dropna().to_numpy() == pytest.approx(1, abs=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_other_quantizers_and_a_checkpoint_on_the_gpu(knowing_model, tmp_path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qdiag.testing import write_gguf
+
+    model, data = knowing_model
+    ckpt = write_gguf(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model),
+                      tmp_path / "m.Q4_0.gguf", "Q4_0")
+    common = ["--model", model, "--data", str(data), "--dtype", dtype, "--device", DEVICE, "--facts", "20",
+              "--ppl-tokens", "200", "--ppl-window", "50", "--calib-samples", "4", "--calib-len", "16", "--quiet"]
+    out = tmp_path / "cliff"
+    assert main(["cliff", *common, "--bits", "16,4", "--method", "awq,hqq,q4_0,q5_1", "--group-size", "32",
+                 "--quantized", str(ckpt), "--out", str(out)]) == 0
+    rows = pd.DataFrame(json.loads((out / "cliff.json").read_text())["rows"])
+    assert list(rows.method) == ["fp", "awq", "hqq", "q4_0", "q5_1", "gguf-Q4_0"]
+    assert rows.ppl.notna().all() and not rows.ppl.isin([math.inf]).any()
+    if dtype == "float32":  # the file's Q4_0 blocks and qdiag's, from the same float32 weights: one model
+        assert rows.ppl.iloc[3] == pytest.approx(rows.ppl.iloc[5], rel=1e-3)
+    assert main(["diagnose", *common, "--quantized", str(ckpt), "--evidence", "triage", "--out",
+                 str(tmp_path / "diag")]) == 0

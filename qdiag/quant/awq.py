@@ -59,7 +59,7 @@ def clipped(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))  # padded columns weigh nothing
     blocks = torch.diagonal(Hp.reshape(n_groups, g, n_groups, g), dim1=0, dim2=2).permute(2, 0, 1)  # (G, g, g)
     top = wg.abs().amax(-1, keepdim=True)
-    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_err = torch.full(wg.shape[:2], float("inf"), device=wg.device)
     best = wg
     for i in range(int(MAX_SHRINK * CLIP_GRID)):
         limit = top * (1 - i / CLIP_GRID)
@@ -108,8 +108,8 @@ def awq(model: nn.Module, plan: Plan, calib: torch.Tensor, batch_size: int = 8, 
         for name, H in moments.items():
             shared[hashlib.blake2b(H.contiguous().numpy().tobytes(), digest_size=16).digest()].append(name)
         for group in shared.values():
-            H = moments[group[0]].float()
-            ws = {n: weight_matrix(hf.get_submodule(n)).detach().float().cpu() for n in group}
+            ws = {n: weight_matrix(hf.get_submodule(n)).detach().float() for n in group}
+            H = moments[group[0]].float().to(next(iter(ws.values())).device)
             specs = {plan[n] for n in group}
             parts = [dict(ws)] if len(specs) == 1 else [{n: ws[n]} for n in group]
             for part in parts:

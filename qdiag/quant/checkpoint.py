@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ from gguf.quants import dequantize as np_dequantize
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.arch import _is_conv1d, resolve, unwrap
-from . import gguf
+from ..core.arch import _is_conv1d, resolve, unwrap, weight_matrix
+from . import gguf, packed
 from .swap import QuantizedWeights
 
 
@@ -40,10 +41,12 @@ class Checkpoint:
 
     path: str
     weights: QuantizedWeights
-    types: dict[str, int]  # GGUF type name -> weights of the decoder's matrices stored in it
+    types: dict[str, int]  # storage type (a GGUF type, or "GPTQ w4 g128") -> decoder weights stored in it
     avg_bits: float  # storage bits per weight of the decoder's matrices, scales included
     changed: list[str] = field(default_factory=list)  # parameters outside them that differ from the base
     ignored: list[str] = field(default_factory=list)  # checkpoint tensors the base has no place for
+    format: str = "gguf"  # gguf, gptq or awq
+    nominal: tuple[int, int | None] | None = None  # (bits, group size) of a GPTQ / AWQ checkpoint
 
     @property
     def main_type(self) -> str:
@@ -52,15 +55,15 @@ class Checkpoint:
 
     @property
     def method(self) -> str:
-        return f"gguf-{self.main_type}"
+        return f"gguf-{self.main_type}" if self.format == "gguf" else f"{self.format}-ckpt"
 
     @property
     def bits(self) -> int:
-        return gguf.nominal_bits(self.main_type)
+        return gguf.nominal_bits(self.main_type) if self.format == "gguf" else self.nominal[0]
 
     @property
-    def group_size(self) -> int:
-        return gguf.block_size(self.main_type)
+    def group_size(self) -> int | None:
+        return gguf.block_size(self.main_type) if self.format == "gguf" else self.nominal[1]
 
     def describe(self) -> str:
         """One paragraph for logs and reports: the file, its types, and what else it changes."""
@@ -76,17 +79,26 @@ class Checkpoint:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() == ".gguf"
+    """A GGUF file, or a folder whose config.json has a ``quantization_config``."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return True
+    config = path / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
 
 
 def read(model: nn.Module, path: str | os.PathLike, progress: bool = False) -> Checkpoint:
-    """Read a GGUF checkpoint of ``model``'s architecture into swappable weights; raises, before
-    any de-quantization, when it does not fit the base (naming what differs)."""
+    """Read a checkpoint of ``model`` (a GGUF file, or a GPTQ / AWQ folder in the Hugging Face layout)
+    into swappable weights; raises, before any de-quantization, when it does not fit the base
+    (naming what differs)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not is_checkpoint(path):
-        raise ValueError(f"{path} is not a GGUF file (.gguf); qdiag reads llama.cpp's GGUF checkpoints")
+        raise ValueError(f"{path} is neither a GGUF file (.gguf) nor a folder whose config.json has a "
+                         "quantization_config (a GPTQ or AWQ checkpoint)")
+    if path.is_dir():
+        return _read_packed(model, path, progress)
     reader = GGUFReader(path)
     hf = unwrap(model)
     processor, mapping = _mapping(hf, reader)
@@ -125,25 +137,25 @@ def read(model: nn.Module, path: str | os.PathLike, progress: bool = False) -> C
             data = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(shape[0], -1))
             if not np.array_equal(value[:, 0], np.arange(shape[0])):
                 data = data[torch.from_numpy(value[:, 0].astype(np.int64))]
-            q = gguf.GGUFTensor(data, int(t.tensor_type), shape[1])
+            q = gguf.GGUFTensor(data.to(base.device), int(t.tensor_type), shape[1])
         else:
             if packed:  # a processor that does more than reorder rows: de-quantize it whole
                 value = processor.process(weights=np_dequantize(t.data, t.tensor_type), name=t.name,
                                           tensor_key_mapping=mapping, parsed_parameters=config).weights
             w = torch.from_numpy(np.array(value, dtype=np.float32)).reshape(base.shape)
-            q = _Dense(w.t() if conv else w) if leaf == "weight" and w.dim() == 2 else None
+            q = _Dense((w.t() if conv else w).to(base.device)) if leaf == "weight" and w.dim() == 2 else None
         if owner in linear:
             tensors[owner] = q  # the quantization itself: always swapped in
             continue
         now = q.dequantize(torch.float32) if q is not None else w
         now = now.t() if q is not None and conv else now
-        if torch.equal(now.reshape(base.shape).to(base.dtype), base.detach().cpu()):
+        if torch.equal(now.reshape(base.shape).to(base.device, base.dtype), base.detach()):
             continue  # the checkpoint keeps the base's value
         changed.append(pname)
         if q is not None:
             tensors[owner] = q
         else:
-            extras[pname] = w
+            extras[pname] = w.to(base.device)
     _tie(hf, params, found, tensors)
     avg = sum(gguf.bits_per_weight(t) * n for t, n in types.items()) / max(sum(types.values()), 1)
     if not types:
@@ -273,3 +285,101 @@ def quantized_types() -> list[str]:
 _DEQUANTIZABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0",
                   "TQ2_0", "MXFP4", "NVFP4", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M",
                   "IQ4_NL", "IQ4_XS", "BF16"}
+
+
+def _read_packed(model: nn.Module, path: Path, progress: bool = False) -> Checkpoint:
+    """A GPTQ or AWQ checkpoint folder (Hugging Face layout: config.json, *.safetensors)."""
+    from safetensors import safe_open
+
+    config = json.loads((path / "config.json").read_text())
+    qc = config["quantization_config"]
+    fmt = str(qc.get("quant_method", "")).lower()
+    if fmt not in ("gptq", "awq"):
+        raise ValueError(f"{path.name}: quant_method {fmt!r} is not read yet; qdiag reads GPTQ and AWQ checkpoints "
+                         "(and GGUF files)")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    packed.check_bits(bits)
+    if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise ValueError(f"{path.name}: AWQ version {qc.get('version')!r}; qdiag reads the GEMM layout")
+    hf = unwrap(model)
+    arch = resolve(hf)
+    _check_config(hf, model.tokenizer, config, path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    stored: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                stored[key] = handle.get_tensor(key)
+    params = dict(hf.named_parameters(remove_duplicate=False))
+    linear = arch.linear_names()
+    missing = [n for n in linear if f"{n}.qweight" not in stored]
+    if missing:
+        raise ValueError(f"{path.name} has no packed weights for {len(missing)} of the base's matrices "
+                         f"({', '.join(missing[:3])}): it is not a checkpoint of this model")
+    group = qc.get("group_size", qc.get("q_group_size", 128))
+    group = None if group in (None, -1) else int(group)
+    offset = 0 if str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2" else 1
+    h = hashlib.blake2b(digest_size=16)
+    h.update(inspect.getsource(packed).encode() + inspect.getsource(_read_packed).encode())
+    tensors, storage, total = {}, 0, 0
+    for name in tqdm(linear, desc="checkpoint", disable=not progress):
+        base = params[f"{name}.weight"]
+        out, n_in = weight_matrix(hf.get_submodule(name)).shape
+        parts = {k: stored[f"{name}.{k}"].to(base.device) for k in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{name}.{k}" in stored}
+        for t in parts.values():
+            h.update(t.cpu().numpy().tobytes())
+        if fmt == "gptq":
+            g_idx = parts.get("g_idx")
+            if g_idx is None:
+                g_idx = torch.arange(n_in, device=base.device) // (group or n_in)
+            q = packed.GPTQTensor(parts["qweight"], parts["qzeros"], parts["scales"], g_idx.int(), bits, offset)
+            shape = (parts["scales"].shape[1], g_idx.shape[0])
+        else:
+            q = packed.AWQTensor(parts["qweight"], parts["qzeros"], parts["scales"], group or n_in, bits)
+            shape = (parts["scales"].shape[1], parts["qweight"].shape[0])
+        if shape != (out, n_in):
+            raise ValueError(f"{name}: the checkpoint's matrix is {shape}, the base's {(out, n_in)}: pass the base the "
+                             "checkpoint was quantized from")
+        tensors[name] = q
+        storage += q.nbytes * 8
+        total += out * n_in
+    extras, changed, ignored = {}, [], []
+    done = {f"{n}.{k}" for n in linear for k in ("qweight", "qzeros", "scales", "g_idx")}
+    for key, value in stored.items():
+        if key in done:
+            continue
+        if key not in params:
+            ignored.append(key)
+            continue
+        base = params[key]
+        if tuple(value.shape) != tuple(base.shape):
+            raise ValueError(f"{key}: the checkpoint's is {tuple(value.shape)}, the base's {tuple(base.shape)}")
+        h.update(key.encode() + value.float().cpu().numpy().tobytes())
+        if not torch.equal(value.to(base.device, base.dtype), base.detach()):
+            changed.append(key)
+            extras[key] = value.to(base.device)
+    label = f"{fmt.upper()} w{bits} {'channel' if group is None else f'g{group}'}"
+    weights = QuantizedWeights({}, tensors, 0.0, key=h.hexdigest(), extras=extras)
+    return Checkpoint(str(path), weights, {label: total}, storage / total, changed, ignored, fmt, (bits, group))
+
+
+def _check_config(hf: nn.Module, tokenizer, config: dict, path: Path) -> None:
+    """A Hugging Face checkpoint's model type, layer count, vocabulary size and tokenizer against the base's."""
+    ours = hf.config
+    for key, what in (("model_type", "model type"), ("num_hidden_layers", "layer count"),
+                      ("hidden_size", "hidden size"), ("vocab_size", "vocabulary size")):
+        if key in config and config[key] != getattr(ours, key, config[key]):
+            raise ValueError(f"the checkpoint's {what} is {config[key]!r}, the base's {getattr(ours, key)!r}: "
+                             "pass the base the checkpoint was quantized from")
+    if tokenizer is not None and (path / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(path).get_vocab()
+        mine = tokenizer.get_vocab()
+        if theirs != mine:
+            diff = sorted(set(theirs.items()) ^ set(mine.items()), key=lambda kv: kv[1])[:1]
+            raise ValueError(f"the checkpoint's tokenizer differs from the base's (first difference: {diff}): "
+                             "pass the base the checkpoint was quantized from")

@@ -89,7 +89,8 @@ def quantize_matrix(w: torch.Tensor, t: str | int | GGMLQuantizationType) -> GGU
     t = qtype(t)
     check(t, w.shape[1])
     packed = np_quantize(np.ascontiguousarray(w.detach().float().cpu().numpy()), t)
-    return GGUFTensor(torch.from_numpy(packed.reshape(w.shape[0], -1)), int(t), w.shape[1])
+    # kept on the weight's device: the legacy types de-quantize there at each forward
+    return GGUFTensor(torch.from_numpy(packed.reshape(w.shape[0], -1)).to(w.device), int(t), w.shape[1])
 
 
 def check(t: str | int | GGMLQuantizationType, in_features: int, name: str = "weight") -> None:
