@@ -190,7 +190,9 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "Q8_0", norm_sca
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(getattr(cfg, "rope_theta", None) or 10000.0)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    # padded to the embedding's rows, as llama.cpp's converter pads a vocabulary smaller than the model's
+    writer.add_token_list(tokens + [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     t = gguf.GGMLQuantizationType[qtype.upper()]
     for name, p in model.state_dict().items():

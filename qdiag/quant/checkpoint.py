@@ -236,15 +236,20 @@ def _check_base(hf: nn.Module, tokenizer, reader: GGUFReader) -> None:
         raise ValueError(f"the checkpoint has {blocks} layers, the base {n_layers}: "
                          "pass the base it was quantized from")
     tokens = _field(reader, "tokenizer.ggml.tokens")
+    rows = hf.get_input_embeddings().weight.shape[0]
+    if tokens is not None and len(tokens) != rows:
+        raise ValueError(f"the checkpoint's vocabulary has {len(tokens)} tokens, the base's embedding {rows}: "
+                         "pass the base the checkpoint was quantized from")
     if tokens is not None and tokenizer is not None:
-        ours = tokenizer.convert_ids_to_tokens(list(range(min(len(tokens), len(tokenizer)))))
-        if len(tokens) != len(tokenizer):
-            raise ValueError(f"the checkpoint's vocabulary has {len(tokens)} tokens, the base's tokenizer "
-                             f"{len(tokenizer)}: pass the base the checkpoint was quantized from")
-        diff = next((i for i, (a, b) in enumerate(zip(tokens, ours)) if a != b), None)
+        # token strings of every id the tokenizer has (converters pad the rest, e.g. [PAD151700]);
+        # special tokens may be spelled differently and are not compared
+        ids = [i for i in range(min(len(tokens), len(tokenizer))) if i not in set(tokenizer.all_special_ids)]
+        ours = tokenizer.convert_ids_to_tokens(ids)
+        diff = next((i for i, b in zip(ids, ours) if tokens[i] != b), None)
         if diff is not None:
-            raise ValueError(f"the checkpoint's token {diff} is {tokens[diff]!r}, the base tokenizer's {ours[diff]!r}: "
-                             "the vocabularies differ; pass the base the checkpoint was quantized from")
+            raise ValueError(f"the checkpoint's token {diff} is {tokens[diff]!r}, the base tokenizer's "
+                             f"{ours[ids.index(diff)]!r}: the vocabularies differ; pass the base the checkpoint "
+                             "was quantized from")
 
 
 def _check_shapes(params: dict, found: dict, modules: dict) -> None:
