@@ -93,8 +93,8 @@ def common_options(p: argparse.ArgumentParser) -> None:
                    help="rtn, gptq, hqq, awq and/or llama.cpp types (q4_0, q4_1, q5_0, q5_1, q8_0, tq1_0, tq2_0, "
                         "mxfp4), comma-separated; a llama.cpp type fixes its own width")
     p.add_argument("--quantized", type=_csv(str), default=[],
-                   help="existing quantized checkpoints of --model (.gguf files, GPTQ or AWQ folders), "
-                        "comma-separated: analysed next to the --bits/--method configurations")
+                   help="existing quantized checkpoints of --model (.gguf files; GPTQ, AWQ, compressed-tensors "
+                        "folders), comma-separated: analysed next to the --bits/--method configurations")
     p.add_argument("--group-size", type=_group_size, default=128, help="integer, or 'channel'")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)

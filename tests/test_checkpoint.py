@@ -255,3 +255,59 @@ def _edit_config(folder, **quantization):
     config["quantization_config"].update(quantization)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def compressed_tensors(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple:
+    """llm-compressor's pack-quantized layout, written independently: signed codes stored with an
+    offset of 2^(bits-1), packed along the inputs (zero points along the outputs)."""
+    out, n_in = w.shape
+    per, offset = 32 // bits, 2 ** (bits - 1)
+    g_idx = np.arange(n_in) // group
+    q, scales, zeros, expected = quantize_groups(w, g_idx, bits)
+    if sym:  # symmetric: zero point 2^(bits-1), i.e. 0 once the codes are signed
+        top = np.abs(w).reshape(out, -1, group).max(-1) / offset
+        s = top.astype(np.float16)
+        q = np.clip(np.round(w / np.repeat(s.astype(np.float32), group, 1)), -offset, offset - 1) + offset
+        scales, zeros = s.T, np.full(s.T.shape, offset)
+        expected = np.repeat(s.astype(np.float32), group, 1) * (q - offset)
+    unsigned = q  # codes 0..2^bits-1 are the signed codes plus the offset
+    packed = [[pack(unsigned[o, c * per:(c + 1) * per], bits) for c in range(n_in // per)] for o in range(out)]
+    parts = {"weight_packed": to_int32(packed), "weight_scale": torch.from_numpy(scales.T.copy()),
+             "weight_shape": torch.tensor([out, n_in], dtype=torch.int32)}
+    if not sym:
+        zt = zeros.T  # (out, G), stored as signed + offset = the unsigned zero point
+        parts["weight_zero_point"] = to_int32([[pack(zt[r * per:(r + 1) * per, g], bits) for g in range(zt.shape[1])]
+                                               for r in range(out // per)])
+    return parts, expected
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_compressed_tensors_checkpoints_read_back_to_what_was_packed(base, tmp_path, sym):
+    from safetensors.torch import save_file
+
+    from qdiag.core.arch import resolve
+
+    hf = unwrap(base)
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    tensors, expected = {}, {}
+    linear = set(resolve(hf).linear_names())
+    for name, p in hf.state_dict().items():
+        module = name.rpartition(".")[0]
+        if module in linear and name.endswith(".weight"):
+            parts, expected[module] = compressed_tensors(p.float().cpu().numpy(), 4, 32, sym)
+            tensors.update({f"{module}.{k}": v for k, v in parts.items()})
+        else:
+            tensors[name] = p.contiguous().cpu()
+    save_file(tensors, str(folder / "model.safetensors"))
+    scheme = {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": 32}
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme}}, "ignore": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps({**hf.config.to_dict(), "quantization_config": qc}))
+    ckpt = checkpoint.read(base, folder)
+    for name, w in expected.items():
+        assert torch.equal(ckpt.weights.tensors[name].dequantize().cpu(), torch.from_numpy(w).float()), name
+    assert (ckpt.method, ckpt.bits, ckpt.group_size, ckpt.changed) == ("ct-ckpt", 4, 32, [])
+    _edit_config(folder, format="float-quantized")
+    with pytest.raises(ValueError, match="format 'float-quantized' is not read yet"):
+        checkpoint.read(base, folder)

@@ -299,9 +299,11 @@ def _read_packed(model: nn.Module, path: Path, progress: bool = False) -> Checkp
     config = json.loads((path / "config.json").read_text())
     qc = config["quantization_config"]
     fmt = str(qc.get("quant_method", "")).lower()
-    if fmt not in ("gptq", "awq"):
-        raise ValueError(f"{path.name}: quant_method {fmt!r} is not read yet; qdiag reads GPTQ and AWQ checkpoints "
-                         "(and GGUF files)")
+    if fmt not in ("gptq", "awq", "compressed-tensors"):
+        raise ValueError(f"{path.name}: quant_method {fmt!r} is not read yet; qdiag reads GPTQ, AWQ and "
+                         "compressed-tensors (pack-quantized) checkpoints, and GGUF files")
+    if fmt == "compressed-tensors":
+        qc = _compressed_scheme(qc, path)
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     packed.check_bits(bits)
     if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
@@ -319,7 +321,8 @@ def _read_packed(model: nn.Module, path: Path, progress: bool = False) -> Checkp
                 stored[key] = handle.get_tensor(key)
     params = dict(hf.named_parameters(remove_duplicate=False))
     linear = arch.linear_names()
-    missing = [n for n in linear if f"{n}.qweight" not in stored]
+    packed_key = "weight_packed" if fmt == "compressed-tensors" else "qweight"
+    missing = [n for n in linear if f"{n}.{packed_key}" not in stored]
     if missing:
         raise ValueError(f"{path.name} has no packed weights for {len(missing)} of the base's matrices "
                          f"({', '.join(missing[:3])}): it is not a checkpoint of this model")
@@ -332,11 +335,14 @@ def _read_packed(model: nn.Module, path: Path, progress: bool = False) -> Checkp
     for name in tqdm(linear, desc="checkpoint", disable=not progress):
         base = params[f"{name}.weight"]
         out, n_in = weight_matrix(hf.get_submodule(name)).shape
-        parts = {k: stored[f"{name}.{k}"].to(base.device) for k in ("qweight", "qzeros", "scales", "g_idx")
-                 if f"{name}.{k}" in stored}
+        parts = {k: stored[f"{name}.{k}"].to(base.device) for k in PACKED_PARTS if f"{name}.{k}" in stored}
         for t in parts.values():
             h.update(t.cpu().numpy().tobytes())
-        if fmt == "gptq":
+        if fmt == "compressed-tensors":
+            q = packed.CompressedTensor(parts["weight_packed"], parts["weight_scale"], bits, n_in, group,
+                                        parts.get("weight_zero_point"), parts.get("weight_g_idx"))
+            shape = (parts["weight_scale"].shape[0], int(parts["weight_shape"][1]))
+        elif fmt == "gptq":
             g_idx = parts.get("g_idx")
             if g_idx is None:
                 g_idx = torch.arange(n_in, device=base.device) // (group or n_in)
@@ -352,7 +358,7 @@ def _read_packed(model: nn.Module, path: Path, progress: bool = False) -> Checkp
         storage += q.nbytes * 8
         total += out * n_in
     extras, changed, ignored = {}, [], []
-    done = {f"{n}.{k}" for n in linear for k in ("qweight", "qzeros", "scales", "g_idx")}
+    done = {f"{n}.{k}" for n in linear for k in PACKED_PARTS}
     for key, value in stored.items():
         if key in done:
             continue
@@ -366,9 +372,29 @@ def _read_packed(model: nn.Module, path: Path, progress: bool = False) -> Checkp
         if not torch.equal(value.to(base.device, base.dtype), base.detach()):
             changed.append(key)
             extras[key] = value.to(base.device)
+    fmt = {"compressed-tensors": "ct"}.get(fmt, fmt)
     label = f"{fmt.upper()} w{bits} {'channel' if group is None else f'g{group}'}"
     weights = QuantizedWeights({}, tensors, 0.0, key=h.hexdigest(), extras=extras)
     return Checkpoint(str(path), weights, {label: total}, storage / total, changed, ignored, fmt, (bits, group))
+
+
+PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale", "weight_zero_point",
+                "weight_g_idx", "weight_shape")
+
+
+def _compressed_scheme(qc: dict, path: Path) -> dict:
+    """The one integer weight scheme of a compressed-tensors config, as ``bits`` / ``group_size``."""
+    if qc.get("format") != "pack-quantized":
+        raise ValueError(f"{path.name}: compressed-tensors format {qc.get('format')!r} is not read yet; qdiag reads "
+                         "pack-quantized (integer weights, float activations)")
+    schemes = [g.get("weights") or {} for g in qc.get("config_groups", {}).values()]
+    if len(schemes) != 1 or schemes[0].get("type", "int") != "int" or schemes[0].get("strategy") not in (
+            "group", "channel"):
+        raise ValueError(f"{path.name}: qdiag reads compressed-tensors checkpoints with one integer weight scheme "
+                         f"by group or channel, not {schemes}")
+    w = schemes[0]
+    group = w.get("group_size") if w["strategy"] == "group" else None
+    return {"bits": w["num_bits"], "group_size": group}
 
 
 def _check_config(hf: nn.Module, tokenizer, config: dict, path: Path) -> None:

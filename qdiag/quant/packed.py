@@ -1,5 +1,5 @@
-"""The int32-packed matrices of Hugging Face GPTQ and AWQ checkpoints, kept packed and de-quantized
-at each forward (in torch, on the checkpoint's device).
+"""The int32-packed matrices of Hugging Face GPTQ, AWQ and compressed-tensors checkpoints, kept packed
+and de-quantized at each forward (in torch, on the checkpoint's device).
 
 GPTQ (AutoGPTQ / GPTQModel): ``qweight (in * bits / 32, out)`` packs consecutive inputs of one
 output into an int32, lowest bits first; ``qzeros (G, out * bits / 32)`` packs zero points along
@@ -90,3 +90,37 @@ class AWQTensor:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales))
+
+
+@dataclass
+class CompressedTensor:
+    """One matrix of a compressed-tensors checkpoint in its ``pack-quantized`` format (llm-compressor):
+    ``weight_packed (out, in * bits / 32)`` packs consecutive inputs, each code stored as
+    ``q + 2^(bits-1)`` (signed codes made unsigned); ``weight_scale (out, G)``; for asymmetric schemes
+    ``weight_zero_point``, signed and packed the same way along the outputs; ``weight_g_idx`` when
+    the groups follow act-order. Weight = scale * (q - zero)."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    in_features: int
+    group_size: int | None
+    zero: torch.Tensor | None = None  # packed along the outputs
+    g_idx: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight."""
+        offset = 2 ** (self.bits - 1)
+        out = self.scale.shape[0]
+        q = (unpack(self.packed, self.bits, 1)[:, : self.in_features] - offset).float()
+        if self.g_idx is not None:
+            g = self.g_idx.long()
+        else:
+            g = torch.arange(self.in_features, device=q.device) // (self.group_size or self.in_features)
+        w = q if self.zero is None else q - (unpack(self.zero, self.bits, 0)[:out] - offset).float()[:, g]
+        return (self.scale.float()[:, g] * w).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.packed, self.scale, self.zero, self.g_idx)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
