@@ -94,7 +94,8 @@ def common_options(p: argparse.ArgumentParser) -> None:
                         "mxfp4), comma-separated; a llama.cpp type fixes its own width")
     p.add_argument("--quantized", type=_csv(str), default=[],
                    help="existing quantized checkpoints of --model (.gguf files; GPTQ, AWQ, compressed-tensors "
-                        "folders), comma-separated: analysed next to the --bits/--method configurations")
+                        "folders; or hub ids org/name, org/name/file.gguf), comma-separated: analysed next to the "
+                        "--bits/--method configurations")
     p.add_argument("--group-size", type=_group_size, default=128, help="integer, or 'channel'")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
@@ -220,9 +221,12 @@ def _specs(args: argparse.Namespace, quantized: bool = False) -> list:
 
     if args.bits is None:
         args.bits = [16] if args.quantized else getattr(args, "default_bits", [16, 8, 4, 3, 2])
-    missing = [p for p in args.quantized if not Path(p).exists()]
+    from .quant.checkpoint import is_hub_id
+
+    missing = [p for p in args.quantized if not Path(p).exists() and not is_hub_id(p)]
     if missing:
-        raise FileNotFoundError(f"no checkpoint at {missing[0]}")
+        raise FileNotFoundError(f"no checkpoint at {missing[0]} (a .gguf file, a checkpoint folder, or a hub id "
+                                "org/name or org/name/file.gguf)")
     specs = width_specs(args.bits, args.method, args.group_size, args.sym)
     return quantized_only(specs) if quantized and not args.quantized else specs
 

@@ -311,3 +311,11 @@ def test_compressed_tensors_checkpoints_read_back_to_what_was_packed(base, tmp_p
     _edit_config(folder, format="float-quantized")
     with pytest.raises(ValueError, match="format 'float-quantized' is not read yet"):
         checkpoint.read(base, folder)
+
+
+def test_a_hub_id_that_cannot_be_fetched_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert checkpoint.is_hub_id("org/model-GPTQ") and checkpoint.is_hub_id("org/repo/model.Q4_0.gguf")
+    assert not checkpoint.is_hub_id("/abs/model.gguf") and not checkpoint.is_hub_id("./local")
+    with pytest.raises(FileNotFoundError, match="hub could not provide it .*pass the local path"):
+        checkpoint.locate("org/model-GPTQ")

@@ -78,6 +78,32 @@ class Checkpoint:
         return text
 
 
+def is_hub_id(name: str) -> bool:
+    """``org/name`` (a checkpoint folder on the Hugging Face hub) or ``org/name/file.gguf``."""
+    parts = str(name).split("/")
+    return not Path(name).exists() and not str(name).startswith((".", "/", "~")) and len(parts) in (2, 3)
+
+
+def locate(name: str | os.PathLike) -> Path:
+    """A local checkpoint path; a hub id is downloaded first (the safetensors, configs and
+    tokenizer of a folder, or the one GGUF file named). Raises if neither exists."""
+    path = Path(name)
+    if path.exists():
+        return path
+    if not is_hub_id(str(name)):
+        raise FileNotFoundError(f"no checkpoint at {name}")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    parts = str(name).split("/")
+    try:
+        if len(parts) == 3:
+            return Path(hf_hub_download("/".join(parts[:2]), parts[2]))
+        return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as err:  # offline, unknown repository, gated: one message that says what to do
+        raise FileNotFoundError(f"no checkpoint at {name}, and the Hugging Face hub could not provide it "
+                                f"({type(err).__name__}); download it and pass the local path") from None
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """A GGUF file, or a folder whose config.json has a ``quantization_config``."""
     path = Path(path)
@@ -91,9 +117,7 @@ def read(model: nn.Module, path: str | os.PathLike, progress: bool = False) -> C
     """Read a checkpoint of ``model`` (a GGUF file, or a GPTQ / AWQ folder in the Hugging Face layout)
     into swappable weights; raises, before any de-quantization, when it does not fit the base
     (naming what differs)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    path = locate(path)
     if not is_checkpoint(path):
         raise ValueError(f"{path} is neither a GGUF file (.gguf) nor a folder whose config.json has a "
                          "quantization_config (a GPTQ or AWQ checkpoint)")
