@@ -1,6 +1,7 @@
-"""A quantized checkpoint someone else made (a llama.cpp GGUF file), read into the swap of its
-full-precision base model: the checkpoint's matrices stay packed and de-quantize at each forward,
-exactly as qdiag's own quantizations do, so one copy of the base weights is held.
+"""A quantized checkpoint someone else made (a llama.cpp GGUF file; a GPTQ, AWQ or compressed-tensors
+folder), read into the swap of its full-precision base model: the checkpoint's matrices stay packed
+and de-quantize at each forward, exactly as qdiag's own quantizations do, so one copy of the base
+weights is held.
 
     ckpt = read(model, "model.Q2_K.gguf")    # checked against the base before anything else
     with ckpt.weights.applied(model):
@@ -114,13 +115,13 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def read(model: nn.Module, path: str | os.PathLike, progress: bool = False) -> Checkpoint:
-    """Read a checkpoint of ``model`` (a GGUF file, or a GPTQ / AWQ folder in the Hugging Face layout)
-    into swappable weights; raises, before any de-quantization, when it does not fit the base
-    (naming what differs)."""
+    """Read a checkpoint of ``model`` (a GGUF file; a GPTQ, AWQ or compressed-tensors folder in the
+    Hugging Face layout; or a hub id of either) into swappable weights; raises, before any
+    de-quantization, when it does not fit the base (naming what differs)."""
     path = locate(path)
     if not is_checkpoint(path):
         raise ValueError(f"{path} is neither a GGUF file (.gguf) nor a folder whose config.json has a "
-                         "quantization_config (a GPTQ or AWQ checkpoint)")
+                         "quantization_config (a GPTQ, AWQ or compressed-tensors checkpoint)")
     if path.is_dir():
         return _read_packed(model, path, progress)
     reader = GGUFReader(path)
