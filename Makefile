@@ -32,6 +32,8 @@ bench:  ## speed and memory benchmarks; they print ratios
 	$(PYTHON) benchmarks/patching_speed.py
 	$(PYTHON) benchmarks/diagnose_speed.py
 	$(PYTHON) benchmarks/gptq_vs_gptqmodel.py --skip-gptqmodel  # add GPTQModel: see the script
+	$(PYTHON) benchmarks/hqq_parity.py  # against the hqq package when it is installed
+	$(PYTHON) benchmarks/awq_vs_autoawq.py --skip-autoawq  # add AutoAWQ: see the script
 
 clean:
 	rm -rf book/_build book/chapters book/results book/status.md book/_cache
