@@ -181,8 +181,9 @@ def awq_tensors(w: np.ndarray, group: int) -> tuple:
 
 
 def write_packed(hf, folder, fmt: str, bits: int = 4, group: int = 32, act_order: bool = False, v2: bool = False,
-                 norm_scale: float = 1.0):
-    """A GPTQ or AWQ checkpoint folder of ``hf``; returns it and the weights each matrix must read back as."""
+                 norm_scale: float = 1.0, sym: bool = False):
+    """A GPTQ, AWQ or compressed-tensors ("ct") checkpoint folder of ``hf``; returns it and the weights
+    each matrix must read back as."""
     from safetensors.torch import save_file
 
     from qdiag.core.arch import resolve
@@ -195,7 +196,8 @@ def write_packed(hf, folder, fmt: str, bits: int = 4, group: int = 32, act_order
         if module in linear and name.endswith(".weight"):
             w = p.float().cpu().numpy()
             parts, expected[module] = (gptq_tensors(w, bits, group, act_order, v2) if fmt == "gptq"
-                                       else awq_tensors(w, group))
+                                       else awq_tensors(w, group) if fmt == "awq"
+                                       else compressed_tensors(w, bits, group, sym))
             tensors.update({f"{module}.{k}": v for k, v in parts.items()})
         else:
             tensors[name] = (p * norm_scale if "norm" in name else p).contiguous().cpu()
@@ -203,8 +205,12 @@ def write_packed(hf, folder, fmt: str, bits: int = 4, group: int = 32, act_order
     qc = {"quant_method": fmt, "bits": bits, "group_size": group}
     if fmt == "gptq":
         qc.update(desc_act=act_order, checkpoint_format="gptq_v2" if v2 else "gptq")
-    else:
+    elif fmt == "awq":
         qc.update(version="gemm", zero_point=True)
+    else:
+        scheme = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group}
+        qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme}}, "ignore": ["lm_head"]}
     (folder / "config.json").write_text(json.dumps({**hf.config.to_dict(), "quantization_config": qc}))
     return folder, expected
 
@@ -283,27 +289,7 @@ def compressed_tensors(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_compressed_tensors_checkpoints_read_back_to_what_was_packed(base, tmp_path, sym):
-    from safetensors.torch import save_file
-
-    from qdiag.core.arch import resolve
-
-    hf = unwrap(base)
-    folder = tmp_path / "ct"
-    folder.mkdir()
-    tensors, expected = {}, {}
-    linear = set(resolve(hf).linear_names())
-    for name, p in hf.state_dict().items():
-        module = name.rpartition(".")[0]
-        if module in linear and name.endswith(".weight"):
-            parts, expected[module] = compressed_tensors(p.float().cpu().numpy(), 4, 32, sym)
-            tensors.update({f"{module}.{k}": v for k, v in parts.items()})
-        else:
-            tensors[name] = p.contiguous().cpu()
-    save_file(tensors, str(folder / "model.safetensors"))
-    scheme = {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": 32}
-    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-          "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme}}, "ignore": ["lm_head"]}
-    (folder / "config.json").write_text(json.dumps({**hf.config.to_dict(), "quantization_config": qc}))
+    folder, expected = write_packed(unwrap(base), tmp_path / "ct", "ct", sym=sym)
     ckpt = checkpoint.read(base, folder)
     for name, w in expected.items():
         assert torch.equal(ckpt.weights.tensors[name].dequantize().cpu(), torch.from_numpy(w).float()), name
