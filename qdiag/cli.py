@@ -246,8 +246,8 @@ def _configs(args: argparse.Namespace, exp, quantized: bool = False) -> list:
 def _refuse_checkpoints(args: argparse.Namespace, command: str) -> None:
     if args.quantized:
         raise ValueError(f"{command} re-quantizes parts of the model with qdiag's own quantizers and cannot take an "
-                         "existing checkpoint yet; run cliff, lens, causal, components, representations or diagnose "
-                         "with --quantized")
+                         "existing checkpoint yet; run cliff, lens, causal, components, representations, sensitivity "
+                         "or diagnose with --quantized")
 
 
 def cmd_cliff(args: argparse.Namespace) -> None:
@@ -326,7 +326,6 @@ def cmd_representations(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
-    _refuse_checkpoints(args, "sensitivity")
     from .analyses.sensitivity import check, first_domino, run_sensitivity, save_sensitivity
 
     check(args.scopes)

@@ -239,7 +239,6 @@ def test_cliff_and_diagnose_take_an_existing_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(("command", "message"), [("repair", "cannot take an existing checkpoint"),
-                                                  ("sensitivity", "cannot take an existing checkpoint"),
                                                   ("cliff", "no checkpoint at")])
 def test_checkpoints_refused_before_any_work(local_model, tmp_path, data_dir, capsys, command, message):
     ckpt = tmp_path / "m.gguf"

@@ -73,3 +73,30 @@ def test_first_domino_reads_the_rows(setting):
     # kept shares: layer 0 (0.6 + 1) / 4 = 0.4 < layer 1 (2.7 + 0) / 4 = 0.675
     assert f["worst_layer"] == 0 and f["worst_layer_kept"] == pytest.approx(0.4)
     assert f["half_prefix_end"] == 0 and f["worst_weight_type"] == "down"
+
+
+def test_an_existing_checkpoint_is_swept_scope_by_scope(setting, tmp_path):
+    from qdiag.core.arch import unwrap
+    from qdiag.measure import evaluate as ev
+    from qdiag.measure.widths import Reference, checkpoint_width
+    from qdiag.testing import write_gguf
+
+    lm, facts, _ = setting
+    hf = unwrap(lm)
+    w = checkpoint_width(lm, write_gguf(hf, lm.tokenizer, tmp_path / "m.gguf", "Q4_0", norm_scale=1.2))
+    res = run_sensitivity(lm, facts, [w], scopes=["layer"], progress=False)
+    rows = res.rows.set_index(["scope", "target"])
+    # costs: the whole file at its storage bits; one layer's matrices at 4.5 bits and the rest at 16
+    sizes = {n: hf.get_submodule(n).weight.numel() for n in w.weights.tensors}
+    layer0 = sum(v for n, v in sizes.items() if ".layers.0." in n)
+    assert rows.loc[("all", "all")].avg_bits == w.avg_bits == 4.5
+    assert rows.loc[("layer", "0")].avg_bits == pytest.approx((4.5 * layer0 + 16 * (sum(sizes.values()) - layer0))
+                                                              / sum(sizes.values()))
+    none = rows.loc[("none", "-")]  # the reference keeps every prompt it answers right
+    assert (none.robust_acc == 1 or none.n_robust == 0) and (none.failure_acc == 1 or none.n_failure == 0)
+    # "all" is the whole checkpoint, its changed norms included: scored independently with it applied
+    right = Reference(lm, facts).reference_right(Reference(lm, facts).score(lm, w))
+    with w.applied(lm):
+        kept = ev.score_prompts(lm, lm.tokenizer, right.drop(columns="subset")).correct.mean()
+    all_rows = res.prompts[res.prompts.scope == "all"]
+    assert all_rows.correct.mean() == pytest.approx(kept)

@@ -33,7 +33,7 @@ from ..core.io import save_analysis
 from ..measure import evaluate as ev
 from ..measure.widths import Reference, check_configs, each_width, quantized_only
 from ..quant.plan import Plan, avg_bits, uniform_plan
-from ..quant.quantize import QuantSpec
+from ..quant.quantize import FULL_PRECISION, QuantSpec
 from ..quant.swap import QuantizedWeights
 from ..report.plots import sensitivity_figure
 
@@ -78,8 +78,10 @@ def run_sensitivity(model: nn.Module, facts: list[Fact], specs: list[QuantSpec],
     ref = Reference(model, facts)
     rows, prompts = [], []
     for w in each_width(model, specs, calib, progress=progress, desc="sensitivity"):
-        spec = w.spec
-        configs = [("none", "-", {}), ("all", "all", w.plan)]
+        # an existing checkpoint has no spec: its own matrices are swapped in scope by scope (its other
+        # changes, norms and embeddings, only in "all")
+        spec = w.spec if w.checkpoint is None else QuantSpec(FULL_PRECISION)
+        configs = [("none", "-", {}), ("all", "all", w.plan or dict.fromkeys(w.weights.tensors, spec))]
         for scope in scopes:
             configs += [(scope, target, plan) for target, plan in sensitivity_plans(model, spec, scope)]
         right = ref.reference_right(ref.score(model, w))
@@ -87,12 +89,17 @@ def run_sensitivity(model: nn.Module, facts: list[Fact], specs: list[QuantSpec],
         right = right.drop(columns="subset")
         for scope, target, plan in tqdm(configs, desc=f"sensitivity {w.method} {w.bits}-bit", disable=not progress,
                                         leave=False):
-            qw = QuantizedWeights(plan, {n: w.weights.tensors[n] for n in plan}) if plan else None
-            with qw.applied(model) if qw else nullcontext():
+            if w.checkpoint is not None:
+                qw = w.weights if scope == "all" else QuantizedWeights({}, {n: w.weights.tensors[n] for n in plan})
+                bits = w.checkpoint.avg_bits_of(model, plan) if scope != "all" else w.avg_bits
+            else:
+                qw = QuantizedWeights(plan, {n: w.weights.tensors[n] for n in plan}) if plan else None
+                bits = avg_bits(model, plan)
+            with qw.applied(model) if qw and plan else nullcontext():
                 scored = ev.score_prompts(model, model.tokenizer, right)
                 ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
             rows.append({"scope": scope, "target": target, "method": w.method, "bits": w.bits,
-                         "avg_bits": avg_bits(model, plan), "ppl": ppl, **ev.subset_accuracy(scored, subset, seed)})
+                         "avg_bits": bits, "ppl": ppl, **ev.subset_accuracy(scored, subset, seed)})
             prompts.append(scored[["fact", "template", "correct"]].assign(method=w.method, bits=w.bits, scope=scope,
                                                                        target=target))
     return SensitivityResult(pd.DataFrame(rows), pd.concat(prompts, ignore_index=True))

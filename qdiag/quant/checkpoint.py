@@ -66,6 +66,16 @@ class Checkpoint:
     def group_size(self) -> int | None:
         return gguf.block_size(self.main_type) if self.format == "gguf" else self.nominal[1]
 
+    def avg_bits_of(self, model: nn.Module, names) -> float:
+        """Average storage bits per decoder weight with only the named matrices taken from the
+        checkpoint (the others at 16 bits): what a scope of the sensitivity sweep costs."""
+        hf, total_bits, total = unwrap(model), 0.0, 0
+        for name in resolve(model).linear_names():
+            n = weight_matrix(hf.get_submodule(name)).numel()
+            total_bits += self.weights.tensors[name].nbytes * 8 if name in names else 16 * n
+            total += n
+        return total_bits / total
+
     def describe(self) -> str:
         """One paragraph for logs and reports: the file, its types, and what else it changes."""
         total = sum(self.types.values())
