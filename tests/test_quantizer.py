@@ -36,3 +36,18 @@ def test_a_change_to_the_quantizer_code_is_a_new_cache_key(monkeypatch):
     source = inspect.getsource
     monkeypatch.setattr(inspect, "getsource", lambda m: source(m) + ("#" if m is gptq else ""))
     assert quantizer._cache_key(model, plan, calib_ids(), damp=0.01) != before
+
+
+def test_a_mixed_plan_of_every_kind_of_tensor_comes_back_from_the_cache(tmp_path):
+    from qdiag.quant.gguf import GGUFTensor
+    from qdiag.quant.quantize import Scaled
+
+    model = tiny_model()
+    plan = uniform_plan(model, QuantSpec(4, 32, True, "gptq"))
+    names = list(plan)
+    plan[names[0]], plan[names[1]] = QuantSpec.gguf("q4_0"), QuantSpec(4, 32, False, "awq")
+    plan[names[2]] = QuantSpec(4, 32, False, "hqq")
+    fresh = quantizer.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
+    cached = quantizer.quantize_model(model, plan, calib_ids(), progress=False, cache_dir=tmp_path)
+    assert isinstance(cached.tensors[names[0]], GGUFTensor) and isinstance(cached.tensors[names[1]], Scaled)
+    assert all(torch.equal(fresh.tensors[n].dequantize(), cached.tensors[n].dequantize()) for n in plan)

@@ -72,7 +72,7 @@ class Width:
         if self.checkpoint is not None or self.plan is None or self.is_reference:
             raise ValueError(f"{self.method} is not one of qdiag's uniform quantizations, and this analysis "
                              "re-quantizes parts of the model with qdiag's quantizers: run cliff, lens, causal, "
-                             "components, representations or diagnose on it")
+                             "components, representations, sensitivity or diagnose on it")
         if self.method in gguf.TYPES:
             return QuantSpec.gguf(self.method)
         return QuantSpec(self.bits, self.group_size, self.sym, self.method)
@@ -103,8 +103,9 @@ def quantized_width(model: nn.Module, spec: QuantSpec, calib: torch.Tensor | Non
 
 
 def checkpoint_width(model: nn.Module, path: str, progress: bool = False) -> Width:
-    """An existing quantized checkpoint (a GGUF file) of ``model`` as a configuration: its matrices
-    swapped in packed, labelled by its main type (``gguf-Q4_K``) and its storage bits per weight."""
+    """An existing quantized checkpoint of ``model`` (a GGUF file, a GPTQ / AWQ / compressed-tensors
+    folder, or a hub id) as a configuration: its matrices swapped in packed, labelled by its format
+    (``gguf-Q4_K``, ``gptq-ckpt``) and its storage bits per weight."""
     t0 = time.perf_counter()
     ckpt = checkpoint.read(model, path, progress=progress)
     return Width(ckpt.method, ckpt.bits, ckpt.group_size, None, ckpt.avg_bits, time.perf_counter() - t0,

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core.arch import from_matrix, unwrap
 from ..core.io import atomic_write_bytes
+from .gguf import GGUFTensor
 from .plan import Plan
 from .quantize import QTensor, QuantSpec, Scaled
 
@@ -116,11 +117,13 @@ def load(path: str | os.PathLike) -> QuantizedWeights:
                             {n: _tensor(t) for n, t in d["tensors"].items()}, d["seconds"])
 
 
-def _record(t: QTensor | Scaled) -> dict:
+def _record(t: QTensor | Scaled | GGUFTensor) -> dict:
     if isinstance(t, Scaled):
         return {"base": asdict(t.base), "col_scale": t.col_scale}
     return asdict(t)
 
 
-def _tensor(d: dict) -> QTensor | Scaled:
-    return Scaled(QTensor(**d["base"]), d["col_scale"]) if "base" in d else QTensor(**d)
+def _tensor(d: dict) -> QTensor | Scaled | GGUFTensor:
+    if "base" in d:
+        return Scaled(QTensor(**d["base"]), d["col_scale"])
+    return GGUFTensor(**d) if "qtype" in d else QTensor(**d)
