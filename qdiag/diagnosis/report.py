@@ -85,7 +85,7 @@ def fingerprint_figure(evidence: pd.DataFrame, configurations: list[dict], title
             sel &= (evidence[k].isna() & (c[k] is None)) | (evidence[k] == c[k]).to_numpy()
         for _, row in evidence[sel].iterrows():
             grid[probes.index(row.probe), j] = row.position
-    fig, axes = _panels(1, 1, max(5.0, 1.1 * len(cols) + 3.5), 0.32 * len(probes) + 1.6)
+    fig, axes = _panels(1, 1, min(9.0, max(5.0, 0.8 * len(cols) + 3.5)), 0.32 * len(probes) + 1.6)
     ax = axes[0, 0]
     im = ax.imshow(np.clip(grid, 0, 1), cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
     for i in range(grid.shape[0]):
@@ -100,12 +100,12 @@ def fingerprint_figure(evidence: pd.DataFrame, configurations: list[dict], title
 
 
 def layers_figure(layers: pd.DataFrame, configurations: list[dict], title: str = "") -> plt.Figure:
-    """Per layer, the local position of the attention (left) and the MLP (right), one line per
+    """Per layer, the local position of the attention (top) and the MLP (bottom), one line per
     configuration (its colour; the line style tells the quantizer), its verdict in the legend."""
-    fig, axes = _panels(1, 2, 5.5, 3.6, sharey=True)
+    fig, axes = _panels(2, 1, 8, 3.0, sharey=True, sharex=True)
     colours = plt.get_cmap("tab10" if len(configurations) <= 10 else "tab20").colors
     styles = {m: s for m, s in zip(dict.fromkeys(c["method"] for c in configurations), ("-", "--", ":", "-."))}
-    for ax, comp in zip(axes[0], ("attention", "mlp")):
+    for ax, comp in zip(axes[:, 0], ("attention", "mlp")):
         for k, c in enumerate(configurations):
             d = layers[(layers.component == comp) & (layers.method == c["method"]) & (layers.bits == c["bits"])]
             if c.get("group_size") is not None:
@@ -115,7 +115,8 @@ def layers_figure(layers: pd.DataFrame, configurations: list[dict], title: str =
         ax.axhline(MIDPOINT, ls="--", color="grey", lw=1)
         ax.set_xlabel("layer")
         ax.set_title("attention" if comp == "attention" else "MLP")
-    axes[0, 0].set_ylabel("position (0 reference, 1 non-functioning)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("position (0 reference,\n1 non-functioning)", fontsize=9)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="outside lower center",
                ncol=min(3, len(configurations)))
     if title:

@@ -1,4 +1,7 @@
-"""Figures shared by the chapters and the CLI; each returns a matplotlib Figure."""
+"""Figures shared by the chapters and the CLI; each returns a matplotlib Figure.
+
+Figures are laid out for the book's page: at most about 9 inches wide (panels stacked rather than
+side by side), so that at the page's width of about 760 pixels their text stays near its set size."""
 
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ def cliff_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     fp = rows[rows.method == "fp"]
     methods = [m for m in rows.method.unique() if m != "fp"]
     pos = _pos(rows.bits)
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.8), constrained_layout=True)
+    axes = axes.ravel()
     palette = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
     for k, m in enumerate(methods):
         d = pd.concat([fp, rows[rows.method == m]]).sort_values("bits", ascending=False)
@@ -129,14 +133,24 @@ def _panels(n_rows: int, n_cols: int, width: float, height: float, **kw) -> tupl
                         squeeze=False, **kw)
 
 
+def _wrapped(fig_or_sub, n: int, max_cols: int = 3, **kw) -> list:
+    """``n`` panels in rows of at most ``max_cols`` (the unused ones of the last row hidden)."""
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    axes = fig_or_sub.subplots(rows, cols, squeeze=False, **kw).ravel()
+    for ax in axes[n:]:
+        ax.axis("off")
+    return list(axes[:n])
+
+
 def attention_figure(rows: pd.DataFrame, position: str, title: str = "") -> plt.Figure:
     """Heatmaps layer x head: normalized attention entropy of the reference and of each
-    configuration (top row, 0 to 1), and the JSD of each configuration's attention from the
-    reference's (bottom row, 0 to ln 2)."""
+    configuration (left column, 0 to 1; the reference first), and the JSD of each configuration's
+    attention from the reference's (right column, 0 to ln 2); one row per configuration."""
     d = rows[(rows.position == position) & rows["head"].notna()]
     configs = [c for c in _configs(d) if c[0] != "fp"]
-    ncol = 1 + len(configs)
-    fig, axes = plt.subplots(2, ncol, figsize=(2.6 * ncol + 1, 7), constrained_layout=True, squeeze=False)
+    nrow = 1 + len(configs)
+    fig, axes = plt.subplots(nrow, 2, figsize=(8, 2.5 * nrow + 0.6), constrained_layout=True, squeeze=False)
 
     def heat(ax, frame, value, vmax, cmap, label):
         grid = frame.pivot(index="layer", columns="head", values=value).astype(float)
@@ -149,14 +163,14 @@ def attention_figure(rows: pd.DataFrame, position: str, title: str = "") -> plt.
 
     first = d[(d.method == configs[0][0]) & (d.bits == configs[0][1])] if configs else d
     im = heat(axes[0, 0], first, "attn_entropy_fp", 1, "viridis", "reference: entropy")
-    axes[1, 0].axis("off")
+    axes[0, 1].axis("off")
     for i, (m, b) in enumerate(configs, start=1):
         frame = d[(d.method == m) & (d.bits == b)]
-        heat(axes[0, i], frame, "attn_entropy", 1, "viridis", f"{_width(m, b)}: entropy")
-        jm = heat(axes[1, i], frame, "attn_jsd", np.log(2), "magma", f"{_width(m, b)}: JSD from reference")
-    fig.colorbar(im, ax=axes[0, :], label="normalized entropy (1 = uniform)", shrink=0.8)
+        heat(axes[i, 0], frame, "attn_entropy", 1, "viridis", f"{_width(m, b)}: entropy")
+        jm = heat(axes[i, 1], frame, "attn_jsd", np.log(2), "magma", f"{_width(m, b)}: JSD from reference")
+    fig.colorbar(im, ax=axes[:, 0], label="normalized entropy (1 = uniform)", shrink=0.6, location="bottom")
     if configs:
-        fig.colorbar(jm, ax=axes[1, 1:], label="Jensen-Shannon divergence (max ln 2)", shrink=0.8)
+        fig.colorbar(jm, ax=axes[1:, 1], label="Jensen-Shannon divergence (max ln 2)", shrink=0.6, location="bottom")
     fig.suptitle(title or f"Attention per layer and head, query at the {position.replace('_', ' ')} token")
     return fig
 
@@ -173,7 +187,7 @@ def mlp_figure(rows: pd.DataFrame, position: str, title: str = "", gated: bool =
     gate = "gate" if gated else "first-projection"
     labels = {"gate_sfr": f"{gate} sign flip rate", "neuron_jaccard": "top-neuron Jaccard",
               "mlp_cosine": "MLP output cosine"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
+    fig, axes = plt.subplots(3, 1, figsize=(8, 8.4), constrained_layout=True, sharex=True)
     palette = _palette(configs)
     for c, (m, b) in enumerate(configs):
         frame = d[(d.method == m) & (d.bits == b)].sort_values("layer")
@@ -184,7 +198,8 @@ def mlp_figure(rows: pd.DataFrame, position: str, title: str = "", gated: bool =
         ax.set_title(label)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("vs the reference, same inputs")
+    for ax in axes:
+        ax.set_ylabel("vs the reference, same inputs", fontsize=9)
     axes[1].set_ylim(-0.02, 1.02)
     axes[2].set_ylim(min(-0.1, float(d.mlp_cosine.min()) - 0.05), 1.02)
     axes[0].legend(fontsize=8)
@@ -196,14 +211,15 @@ def cka_figure(cka: dict, title: str = "") -> plt.Figure:
     """One layer x layer linear-CKA heatmap per configuration (reference layers down, quantized
     layers across); a bright diagonal means each layer still represents what its reference did."""
     configs = [c for c in sorted(cka, key=lambda mb: (mb[0] != "fp", mb[0], -mb[1]))]
-    fig, axes = plt.subplots(1, len(configs), figsize=(3.4 * len(configs) + 1, 3.6), constrained_layout=True,
-                             squeeze=False)
-    for ax, (m, b) in zip(axes[0], configs):
+    cols = min(3, len(configs))
+    fig = plt.figure(figsize=(2.9 * cols + 1.2, 3.0 * -(-len(configs) // cols) + 0.5), constrained_layout=True)
+    axes = _wrapped(fig, len(configs), cols)
+    for ax, (m, b) in zip(axes, configs):
         im = ax.imshow(np.asarray(cka[(m, b)]), vmin=0, vmax=1, cmap="viridis", origin="lower")
         ax.set_title(_width(m, b), fontsize=10)
         ax.set_xlabel("quantized layer")
         ax.set_ylabel("reference layer")
-    fig.colorbar(im, ax=axes[0, :], label="linear CKA", shrink=0.9)
+    fig.colorbar(im, ax=axes, label="linear CKA", shrink=0.8)
     fig.suptitle(title or "Linear CKA between reference and quantized hidden states")
     return fig
 
@@ -213,7 +229,7 @@ def subspace_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     the paper's marks (0.8 / about 0 for subspace similarity; 0.3 / 0.8 for error alignment) and
     the k/d level of error spread evenly over all directions."""
     configs = [c for c in _configs(rows) if c[0] != "fp"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6.6), constrained_layout=True, sharex=True)
     palette = _palette(configs)
     for c, (m, b) in enumerate(configs):
         frame = rows[(rows.method == m) & (rows.bits == b)].sort_values("layer")
@@ -271,7 +287,7 @@ def recovery_figure(rows: pd.DataFrame, site: str = "resid", title: str = "") ->
     d = rows[rows.site == site]
     subsets = [s for s in ("failure", "robust") if s in set(d.subset)] or ["all"]
     positions = [p for p in ("last_subject", "last") if p in set(d.position)]
-    fig, axes = _panels(len(subsets), len(positions), 5.5, 3.4, sharey=True)
+    fig, axes = _panels(len(subsets), len(positions), 4.5, 3.2, sharey=True)
     configs = [c for c in _configs(d) if c[0] != "fp"]
     palette = _palette(configs)
     for r, sub in enumerate(subsets):
@@ -301,11 +317,11 @@ def ablation_figure(rows: pd.DataFrame, subset: str = "all", title: str = "") ->
     d = rows[rows.subset == subset]
     sites = [s for s in ("resid", "attn", "mlp") if s in set(d.site)]
     positions = [p for p in ("last_subject", "last") if p in set(d.position)]
-    fig, axes = _panels(len(positions), len(sites), 4.4, 3.2, sharey=True)
+    fig, axes = _panels(len(sites), len(positions), 4.5, 2.8, sharey=True)
     configs = [c for c in _configs(d) if c[0] != "fp"]
     palette = _palette(configs)
-    for r, pos in enumerate(positions):
-        for c, site in enumerate(sites):
+    for c, pos in enumerate(positions):
+        for r, site in enumerate(sites):
             ax = axes[r, c]
             cell = d[(d.site == site) & (d.position == pos)]
             fp = cell[cell.model == "fp"].groupby("layer")["effect"].mean()  # the same prompts for every width
@@ -317,21 +333,25 @@ def ablation_figure(rows: pd.DataFrame, subset: str = "all", title: str = "") ->
             ax.set_title(f"zero {site} at the {pos.replace('_', ' ')} token", fontsize=9)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        axes[r, 0].set_ylabel("effect: share of p(answer) lost")
+    for r in range(len(sites)):
+        axes[r, 0].set_ylabel("share of p(answer) lost", fontsize=9)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title or "Zero ablation: what each model's answer depends on")
     return fig
 
 
 def injection_figure(rows: pd.DataFrame, cosine: pd.DataFrame, subset: str = "all", title: str = "") -> plt.Figure:
-    """Left: recovery of the answer when the reference's residual stream enters the quantized layers
-    from a given layer on. Right, per width: cosine between the injected run's residual stream (last
+    """Top: recovery of the answer when the reference's residual stream enters the quantized layers
+    from a given layer on. Below, per width: cosine between the injected run's residual stream (last
     token) and the reference's at each later layer."""
     configs = [c for c in _configs(rows) if c[0] != "fp"]
-    fig, axes = plt.subplots(1, 1 + len(configs), figsize=(5 + 3.4 * len(configs), 3.8), constrained_layout=True,
-                             squeeze=False)
+    cols = max(1, min(3, len(configs)))
+    nrow = -(-len(configs) // cols)
+    fig = plt.figure(figsize=(9, 3.6 + 3.0 * nrow), constrained_layout=True)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3.6, 3.0 * max(1, nrow)])
+    ax = top.subplots()
+    maps = _wrapped(bottom, len(configs), cols) if configs else []
     palette = _palette(configs)
-    ax = axes[0, 0]
     for k, (m, b) in enumerate(configs):
         g = rows[(rows.method == m) & (rows.bits == b) & (rows.subset == subset)].sort_values("start_layer")
         ax.plot(g.start_layer, g.recovery, "o-", ms=3, color=palette[k], label=_width(m, b))
@@ -344,16 +364,15 @@ def injection_figure(rows: pd.DataFrame, cosine: pd.DataFrame, subset: str = "al
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     im = None
-    for k, (m, b) in enumerate(configs, start=1):
+    for mx, (m, b) in zip(maps, configs):
         c = cosine[(cosine.method == m) & (cosine.bits == b)]
         grid = c.pivot(index="start_layer", columns="layer", values="cosine")
-        im = axes[0, k].imshow(grid.to_numpy(dtype=float), aspect="auto", origin="lower", vmin=0, vmax=1,
-                               cmap="viridis")
-        axes[0, k].set_xlabel("layer")
-        axes[0, k].set_ylabel("injected at layer")
-        axes[0, k].set_title(f"{_width(m, b)}: cosine with the reference", fontsize=9)
+        im = mx.imshow(grid.to_numpy(dtype=float), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+        mx.set_xlabel("layer")
+        mx.set_ylabel("injected at layer")
+        mx.set_title(f"{_width(m, b)}: cosine with the reference", fontsize=9)
     if im is not None:
-        fig.colorbar(im, ax=axes[0, 1:], label="cosine, last token", shrink=0.8)
+        bottom.colorbar(im, ax=maps, label="cosine, last token", shrink=0.8)
     fig.suptitle(title or "Clean-signal injection")
     return fig
 
@@ -364,8 +383,8 @@ def lens_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     reference on the same prompts. Bands: 95% bootstrap intervals."""
     subsets = [s for s in ("failure", "robust") if s in set(rows.subset)]
     configs = [c for c in _configs(rows) if c[0] != "fp"]
-    fig, axes = plt.subplots(2, max(1, len(subsets)), figsize=(6 * max(1, len(subsets)), 7), constrained_layout=True,
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, max(1, len(subsets)), figsize=(4.6 * max(1, len(subsets)), 7),
+                             constrained_layout=True, squeeze=False, sharex=True)
     palette = _palette(configs)
     for c, sub in enumerate(subsets):
         for k, (m, b) in enumerate(configs):
@@ -393,15 +412,15 @@ def lens_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
 
 
 def sensitivity_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Robust and Failure accuracy when only one layer (left), one weight type (middle) or the
-    layers 0..k (right) are quantized, with 95% bootstrap intervals; dotted: the fully quantized
+    """Robust and Failure accuracy when only one layer (top), one weight type (middle) or the
+    layers 0..k (bottom) are quantized, with 95% bootstrap intervals; dotted: the fully quantized
     model."""
     scopes = [s for s in ("layer", "weight_type", "prefix") if s in set(rows.scope)]
-    fig, axes = plt.subplots(1, len(scopes), figsize=(5.2 * len(scopes), 3.8), constrained_layout=True,
+    fig, axes = plt.subplots(len(scopes), 1, figsize=(8, 3.1 * len(scopes)), constrained_layout=True,
                              squeeze=False, sharey=True)
     full = rows[rows.scope == "all"]
     colours = {"robust": "tab:blue", "failure": "tab:red"}
-    for ax, scope in zip(axes[0], scopes):
+    for ax, scope in zip(axes[:, 0], scopes):
         d = rows[rows.scope == scope].reset_index(drop=True)
         x = np.arange(len(d))
         for name, colour in colours.items():
@@ -418,17 +437,17 @@ def sensitivity_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
         ax.set_xlabel({"layer": "the one quantized layer", "weight_type": "the one quantized weight type",
                        "prefix": "quantized layers 0..k"}[scope])
         ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("share of prompts right")
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("share of prompts right")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title or "Sensitivity: which part breaks the answers")
     return fig
 
 
 def pareto_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Failure-subset accuracy (left) and Robust-subset accuracy (right) against average bits: each
+    """Failure-subset accuracy (top) and Robust-subset accuracy (bottom) against average bits: each
     repair (coloured) and the uniform configuration of the closest bits (grey squares, joined to it)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True, sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 7.4), constrained_layout=True, sharex=True)
     d = rows[rows.avg_bits.notna()]
     repairs = list(dict.fromkeys(d.repair))
     palette = dict(zip(repairs, sns.color_palette("colorblind", len(repairs))))
@@ -446,6 +465,6 @@ def pareto_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
         ax.set_ylabel(f"{name} subset: share right")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncol=3)
     fig.suptitle(title or "Repairs against uniform quantization at the same bits")
     return fig

@@ -1,0 +1,33 @@
+"""Page tables: an estimate and its interval in one cell, other columns as they are."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qdiag.report.tables import page, with_intervals
+
+
+def test_intervals_join_their_estimate_and_other_columns_stay():
+    rows = pd.DataFrame({"method": ["rtn", "gptq"], "acc": [0.25, np.nan], "acc_lo": [0.1, np.nan],
+                         "acc_hi": [0.4, np.nan], "ppl": [31.987, 28.4651], "n": [40, 12]})
+    t = with_intervals(rows, ["method", "acc", "ppl", "n"])
+    assert list(t.columns) == ["method", "acc", "ppl", "n"]
+    assert t.acc.tolist() == ["0.25 [0.10, 0.40]", ""]
+    assert t.ppl.tolist() == [31.99, 28.47] and t.n.tolist() == [40, 12]
+
+
+def test_an_interval_with_a_missing_end_shows_the_estimate_alone():
+    rows = pd.DataFrame({"acc": [0.5], "acc_lo": [np.nan], "acc_hi": [0.7]})
+    assert with_intervals(rows, ["acc"], digits=1).acc.tolist() == ["0.5"]
+
+
+def test_a_column_that_is_not_there_is_named():
+    with pytest.raises(KeyError, match="retention"):
+        with_intervals(pd.DataFrame({"acc": [0.5]}), ["retention"])
+
+
+def test_the_page_table_hides_the_index_and_rounds():
+    rows = pd.DataFrame({"kl": [0.012345], "acc": [0.5], "acc_lo": [0.25], "acc_hi": [0.75]}, index=[7])
+    html = page(rows, ["kl", "acc"]).to_html()
+    assert "0.012" in html and "0.0123" not in html and "0.50 [0.25, 0.75]" in html
+    assert ">7<" not in html
