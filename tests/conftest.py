@@ -4,13 +4,16 @@ them are marked ``data``, so ``-m "not data"`` runs without them)."""
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from qdiag.testing import tiny_model, tiny_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,6 +46,61 @@ def data_dir() -> Path:
     if not (root / "pararel").is_dir():
         pytest.fail(f"datasets not found at {root}: set QDIAG_DATA to the shared/datasets folder")
     return root
+
+
+class SmokeBook:
+    """The book at the notebooks' own default parameters, in a folder of its own: each notebook executed
+    once, when a test first asks for it, and the HTML rendered from them when a test asks for that, so
+    the notebook tests and the browser test share one execution. A chapter that failed fails again."""
+
+    def __init__(self, folder: Path, data: Path):
+        from qdiag.book import build
+
+        self.build, self.book, self.runs, self.failed = build, folder / "book", {}, {}
+        shutil.copytree(ROOT / "book", self.book, ignore=shutil.ignore_patterns(
+            "_build", "_cache", build.CHAPTERS, "results", "status.md"))
+        self.env = {"QDIAG_DATA": str(data), "QDIAG_QUANT_CACHE": str(folder / "quantized"),
+                    "QDIAG_STORE": str(folder / "store")}  # GPTQ and the screening shared, as in the book build
+
+    def chapter(self, notebook: Path) -> Path:
+        """The executed notebook; its results are under ``results`` beside it."""
+        if notebook.stem in self.failed:
+            raise RuntimeError(f"{notebook.stem} failed earlier in this session") from self.failed[notebook.stem]
+        out = self.book / self.build.CHAPTERS / notebook.name
+        if notebook.stem not in self.runs:
+            t0 = time.perf_counter()
+            try:
+                with self.build._environment(**self.env):
+                    self.build.execute(notebook, out, {}, cwd=self.book)
+            except Exception as e:
+                self.failed[notebook.stem] = e
+                raise
+            self.runs[notebook.stem] = time.perf_counter() - t0
+        return out
+
+    def results(self, notebook: Path) -> Path:
+        """The folder the chapter wrote its results to."""
+        return self.build._results_dir(notebook, {}, self.book)
+
+    def html(self) -> Path:
+        """Every chapter executed, the status page written, the book rendered (strict); its HTML folder."""
+        html = self.book / "_build" / "html"
+        if not (html / "index.html").exists():
+            for nb in NOTEBOOKS:
+                self.chapter(nb)
+            runs = [{"name": k, "seconds": v, "parameters": {}} for k, v in sorted(self.runs.items())]
+            (self.book / "status.md").write_text(self.build.status_page(runs, "smoke"))
+            if self.build.render(self.book) != 0:
+                raise RuntimeError("jupyter-book build failed (warnings are errors): see the output above")
+        return html
+
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory, data_dir) -> SmokeBook:
+    return SmokeBook(tmp_path_factory.mktemp("smoke"), data_dir)
 
 
 def pytest_collection_modifyitems(items):

@@ -1,9 +1,13 @@
-"""Build the book: execute each notebook with papermill (parameters from ``book/params.yml``) into
-``book/chapters/``, write ``book/status.md``, then run ``jupyter-book build`` with execution off
+"""Build the book: execute each notebook with papermill (parameters from the tier's file) into
+``book/notebooks/``, write ``book/status.md``, then run ``jupyter-book build`` with execution off
 and warnings as errors.
 
-    python -m qdiag.book            # everything
-    python -m qdiag.book --smoke    # the notebooks' own (small) default parameters
+    python -m qdiag.book                     # the book's parameters (book/params.yml)
+    python -m qdiag.book --tier classroom    # a classroom run (book/classroom.yml): minutes on a laptop
+    python -m qdiag.book --smoke             # the notebooks' own (small) default parameters
+
+The executed chapters sit at ``book/notebooks/NAME.ipynb``, the same path relative to the book as the
+source notebooks to the repository, so the pages' launch buttons (Binder, Colab) open the source.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ import yaml
 
 from ..core.io import _umask, atomic_write_bytes
 
+CHAPTERS = "notebooks"  # folder of the executed chapters inside the book (see the module docstring)
+TIERS = {"book": "params.yml", "classroom": "classroom.yml", "smoke": None}  # None: the notebooks' defaults
+TIER_WORDS = {"book": "book/params.yml", "classroom": "book/classroom.yml, a run sized for a classroom",
+              "smoke": "the notebooks' own small defaults, a check that every chapter runs"}
 PACKAGES = ["qdiag", "torch", "transformers", "nnsight", "gguf", "papermill", "jupyter-book", "myst-nb",
             "matplotlib", "seaborn", "pandas", "numpy"]
 
@@ -163,14 +171,15 @@ def _bf16_units() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def status_page(runs: list[dict]) -> str:
+def status_page(runs: list[dict], tier: str = "book") -> str:
     """Markdown for the status page: versions, machine, and each notebook's parameters and time."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     lines = ["# Status", "", "What produced the numbers in this book.", "",
              f"Built {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.platform()}, "
-             f"{os.cpu_count()} CPU cores, GPU: {gpu}, Python {platform.python_version()}.", "",
+             f"{os.cpu_count()} CPU cores, GPU: {gpu}, Python {platform.python_version()}; parameters: the "
+             f"{tier} tier ({TIER_WORDS[tier]}).", "",
              f"GPTQ's calibration passes run in float32, the model's dtype (the README says why); this CPU "
              f"{'has' if _bf16_units() else 'has no'} bfloat16 matrix units.", "",
              "| package | version |", "| --- | --- |"]
@@ -187,12 +196,26 @@ def status_page(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(root: Path, smoke: bool = False, only: list[str] | None = None, render: bool = True,
+def tier_parameters(book: Path, tier: str) -> dict:
+    """Each notebook's parameters in a tier: ``book`` (the book's), ``classroom``, or ``smoke`` (none)."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}: choose one of {', '.join(TIERS)}")
+    return {} if TIERS[tier] is None else (yaml.safe_load((book / TIERS[tier]).read_text()) or {})
+
+
+def render(book: Path) -> int:
+    """``jupyter-book build`` of the executed chapters, warnings as errors; returns its exit code."""
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(book),
+           "-W", "-n", "--keep-going"]
+    return subprocess.call(cmd)
+
+
+def build(root: Path, tier: str = "book", only: list[str] | None = None, render_html: bool = True,
           fresh: bool = False) -> int:
     """Execute the notebooks and build the HTML book under ``root/book/_build``; returns an exit code.
     Chapters whose inputs have not changed since a previous build are reused (``fresh``: never)."""
     book, notebooks = root / "book", root / "notebooks"
-    params = {} if smoke else (yaml.safe_load((book / "params.yml").read_text()) or {})
+    params = tier_parameters(book, tier)
     runs = []
     # chapters quantize the same model the same way: GPTQ runs once per configuration, and the
     # screening, scored prompts and perplexities are shared through the run store
@@ -206,28 +229,26 @@ def build(root: Path, smoke: bool = False, only: list[str] | None = None, render
         p = params.get(nb.stem, {})
         print(f"executing {nb.name} {p or '(defaults)'}", flush=True)
         with _environment(**env):
-            seconds, reused = execute_cached(nb, book / "chapters" / nb.name, p, book, executed,
+            seconds, reused = execute_cached(nb, book / CHAPTERS / nb.name, p, book, executed,
                                              execution_key(nb, p, root))
         print(f"  {nb.stem}: {'reused ' if reused else ''}{seconds:.0f} s", flush=True)
         runs.append({"name": nb.stem, "seconds": seconds, "parameters": p, "reused": reused})
     print(f"executed in {time.perf_counter() - t0:.0f} s", flush=True)
-    atomic_write_bytes(book / "status.md", status_page(runs).encode())
-    if not render:
-        return 0
-    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(book),
-           "-W", "-n", "--keep-going"]
-    return subprocess.call(cmd)
+    atomic_write_bytes(book / "status.md", status_page(runs, tier).encode())
+    return render(book) if render_html else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qdiag.book", description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path.cwd(), help="the repository root")
-    ap.add_argument("--smoke", action="store_true", help="use the notebooks' default (small) parameters")
+    ap.add_argument("--tier", choices=list(TIERS), default="book",
+                    help="parameters: the book's (default), a classroom run, or the notebooks' defaults (smoke)")
+    ap.add_argument("--smoke", action="store_true", help="the same as --tier smoke")
     ap.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to execute")
     ap.add_argument("--no-render", action="store_true", help="execute only; skip jupyter-book")
     ap.add_argument("--fresh", action="store_true", help="execute every chapter, reusing no earlier execution")
     args = ap.parse_args(argv)
-    return build(args.root, args.smoke, args.only, not args.no_render, args.fresh)
+    return build(args.root, "smoke" if args.smoke else args.tier, args.only, not args.no_render, args.fresh)
 
 
 if __name__ == "__main__":
