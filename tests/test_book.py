@@ -88,3 +88,49 @@ def test_a_failed_execution_leaves_nothing_to_reuse(project, monkeypatch):
     with pytest.raises(RuntimeError):
         build.execute_cached(nb, out, {}, cwd, cache, "k")
     assert not (cache / "k").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+
+
+def _parameters(nb) -> dict:
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    scope: dict = {}
+    exec(cell.source, scope)
+    return {k: v for k, v in scope.items() if not k.startswith("__")}
+
+
+@pytest.mark.parametrize("tier", ["book", "classroom"])
+def test_each_tier_sets_only_parameters_the_notebooks_have(tier):
+    params = build.tier_parameters(ROOT / "book", tier)
+    names = {p.stem: set(_parameters(nbformat.read(p, as_version=4))) for p in NOTEBOOKS}
+    assert set(params) == set(names), "a tier gives parameters for every chapter, and only for chapters"
+    for chapter, given in params.items():
+        assert set(given) <= names[chapter], f"{tier}: {chapter} has no parameter {set(given) - names[chapter]}"
+
+
+def test_an_unknown_tier_is_refused():
+    with pytest.raises(ValueError, match="classroom"):
+        build.tier_parameters(ROOT / "book", "lecture")
+    assert build.tier_parameters(ROOT / "book", "smoke") == {}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_chapter_carries_its_course_material(path):
+    nb = nbformat.read(path, as_version=4)
+    md = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    assert md[0].startswith("# ") and "After this chapter you will be able to" in md[1], "learning goals open it"
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert "find_spec(\"qdiag\")" in first_code.source, "the first code cell installs qdiag where it is missing"
+    exec(first_code.source, {})  # here qdiag is installed: it must do nothing (no pip run, no error)
+    exercises = next(s for s in md if s.startswith("## Exercises"))
+    questions = exercises.split("**Exercise ")[1:]
+    assert 3 <= len(questions) <= 5
+    names = set(_parameters(nb))
+    for q in questions:
+        question, _, solution = q.partition("```{admonition} Solution\n:class: dropdown")
+        assert solution, "every exercise has a hidden solution"
+        assert any(f"`{n}" in question for n in names), f"exercise names no parameter: {question[:80]}"
+        assert "this book's" in solution.lower() or "{glue:text}" in solution, "the solution cites the book's own run"
+    assert "{download}" in md[-1], "the chapter links its results files"
