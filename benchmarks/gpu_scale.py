@@ -1,11 +1,14 @@
 """Every analysis on a random-weight model of a real size (default: Llama-3.1-8B's shapes, bfloat16)
-on one GPU: seconds and peak GPU memory of each, the peak as a ratio to the model's weight bytes.
+on one GPU, or sharded over several (``--device-map auto``): seconds and peak GPU memory of each, the
+peak as a ratio to the model's weight bytes (on one card), or each card's peak against the weight
+bytes placed on it (sharded).
 
 The default model cannot travel to the GPU machines here, and no hub is reachable; a random model
 with the same shapes costs the same. Its facts are prompts it answers itself (as in the tests), so
 the numbers are about cost, not about quantization. Run from the repository root:
 
     python benchmarks/gpu_scale.py --random llama-8b [--out results.json]
+    python benchmarks/gpu_scale.py --random llama-70b-48l --device-map auto --only "logit lens"
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--only", nargs="*", default=None, help="analyses whose names start with these words")
     ap.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
+    ap.add_argument("--device-map", default=None, help="'auto', 'balanced' or 'sequential': shard over the GPUs")
+    ap.add_argument("--max-memory", default=None, help="with --device-map: per card, e.g. '0=60GiB,1=60GiB'")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,7 +45,7 @@ def main() -> None:
     from qdiag.analyses.repair import run_repair
     from qdiag.analyses.representations import run_representations
     from qdiag.analyses.sensitivity import run_sensitivity
-    from qdiag.core.models import wrap
+    from qdiag.core.models import check_placement, parse_max_memory, wrap
     from qdiag.diagnosis import diagnose
     from qdiag.quant.plan import uniform_plan
     from qdiag.quant.quantize import QuantSpec
@@ -50,20 +55,29 @@ def main() -> None:
     cfg = dict(RANDOM[args.random])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval().requires_grad_(False)
+    dtype = getattr(torch, args.dtype)
+    if args.device_map is None:
+        with torch.device("cuda"):
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    else:
+        hf = sharded(AutoModelForCausalLM, config, dtype, args.device_map, parse_max_memory(args.max_memory))
     tok = tiny_tokenizer()
     hf.lm_head.weight[len(tok):] = 0  # ids the tokenizer does not have are never the top prediction
     model = wrap(hf, tok)
     facts = known_facts(hf, tok)
+    check_placement(hf)
     weights = sum(p.numel() * p.element_size() for p in hf.parameters())
+    cards = list(range(torch.cuda.device_count()))
+    on_card = {i: sum(p.numel() * p.element_size() for p in hf.parameters() if p.device == torch.device("cuda", i))
+               for i in cards}
     vocab = len(tok)
     ppl = torch.randint(4, vocab, (args.ppl_tokens,))
     calib = torch.randint(4, vocab, (args.calib_samples, args.calib_len))
     specs = [QuantSpec(16), QuantSpec(4, 128, method="rtn"), QuantSpec(2, 128, method="rtn")]
     q2 = specs[2]
     print(f"{args.random} ({args.dtype}): {weights / 2**30:.1f} GiB of weights, {len(facts)} facts it answers, "
-          f"{torch.cuda.get_device_name()}", flush=True)
+          f"{torch.cuda.get_device_name()}; GiB of weights per card: "
+          f"{[round(on_card[i] / 2**30, 1) for i in cards]}", flush=True)
 
     runs = {
         "gptq 4-bit (quantize only)": lambda: quantize_model(
@@ -82,22 +96,53 @@ def main() -> None:
                                                               progress=False),
     }
     table = []
-    print(f"{'analysis':<40} {'seconds':>8} {'peak / weights':>15}")
+    used = [i for i in cards if on_card[i]]
+    print(f"{'analysis':<40} {'seconds':>8} {'peak / weights':>15}  peak GiB per card")
     for name, fn in runs.items():
         if args.only and not any(name.startswith(w) for w in args.only):
             continue
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        for i in cards:
+            torch.cuda.synchronize(i)
+            torch.cuda.reset_peak_memory_stats(i)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        for i in cards:
+            torch.cuda.synchronize(i)
         seconds = time.perf_counter() - t0
-        ratio = torch.cuda.max_memory_allocated() / weights
-        table.append({"analysis": name, "seconds": round(seconds, 1), "peak_over_weights": round(ratio, 3)})
-        print(f"{name:<40} {seconds:>8.1f} {ratio:>15.3f}", flush=True)
+        peaks = {i: torch.cuda.max_memory_allocated(i) for i in used}
+        ratio = max(peaks[i] / on_card[i] for i in used)  # the worst card, against the weights it holds
+        table.append({"analysis": name, "seconds": round(seconds, 1), "peak_over_weights": round(ratio, 3),
+                      "peak_gib_per_card": [round(peaks[i] / 2**30, 1) for i in used]})
+        print(f"{name:<40} {seconds:>8.1f} {ratio:>15.3f}  {table[-1]['peak_gib_per_card']}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"model": args.random, "dtype": args.dtype, "facts": len(facts),
-                                        "weight_bytes": weights, "rows": table}, indent=2))
+                                        "device_map": args.device_map, "weight_bytes": weights,
+                                        "weight_bytes_per_card": list(on_card.values()), "rows": table}, indent=2))
+
+
+def sharded(auto_model, config, dtype: torch.dtype, device_map: str, max_memory: dict | None):
+    """A random model placed over the GPUs as ``from_pretrained(device_map=...)`` places a real one:
+    accelerate's map computed on the meta device, each module's weights drawn on its card, and the
+    hooks that move activations between cards."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    with torch.device("meta"):
+        hf = auto_model.from_config(config, dtype=dtype)
+    no_split = hf._no_split_modules
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(hf, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                         low_zero=device_map == "balanced_low_0")
+    placement = infer_auto_device_map(hf, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    for name, device in placement.items():
+        module = hf.get_submodule(name) if name else hf
+        module.to_empty(device=torch.device("cuda", device) if isinstance(device, int) else device)
+    for name, p in hf.named_parameters():
+        with torch.no_grad():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, config.initializer_range)
+    rotary = hf.model.rotary_emb  # its frequencies are buffers to_empty left unset: computed afresh on its card
+    hf.model.rotary_emb = type(rotary)(config).to(next(rotary.buffers()).device)
+    return dispatch_model(hf, placement).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ def common_options(p: argparse.ArgumentParser) -> None:
     """Options every analysis shares: model, quantizer, data sizes, seed, output folder."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="registered name, hub id, HF folder or .gguf path")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the model over several GPUs (accelerate's placement); --device is then unused")
+    p.add_argument("--max-memory", help="with --device-map: memory per device, e.g. '0=70GiB,1=70GiB'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--bits", type=_csv(_bits), default=None,
                    help="e.g. 16,8,4,3,2 (16 = FP); default 16,8,4,3,2, or only 16 with --quantized")
@@ -195,7 +198,8 @@ def setup(args: argparse.Namespace, calibrate: bool = False, ppl: bool = True):
     exp = prepare(args.model, n_facts=args.facts, known=args.known, screen_facts=args.screen_facts,
                   progress=not args.quiet, ppl_tokens=args.ppl_tokens if ppl else 0,
                   calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, data_root=args.data,
-                  device=args.device, dtype=args.dtype, calibrate=calibrate)
+                  device=args.device, dtype=args.dtype, calibrate=calibrate, device_map=args.device_map,
+                  max_memory=args.max_memory)
     if not args.quiet:
         print(describe(exp.screening), file=sys.stderr)
     return exp

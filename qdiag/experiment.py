@@ -31,15 +31,17 @@ class Experiment:
 def prepare(model: str = DEFAULT_MODEL, *, n_facts: int | None = 200, known: int | None = None,
             screen_facts: int | None = None, ppl_tokens: int = 16384, calib_samples: int = 64,
             calib_len: int = 512, seed: int = 0, data_root: str | None = None, device: str = "cpu",
-            dtype: str = "float32", calibrate: bool = True, progress: bool = False) -> Experiment:
+            dtype: str = "float32", calibrate: bool = True, progress: bool = False,
+            device_map: str | dict | None = None, max_memory: str | dict | None = None) -> Experiment:
     """Load the model and the data an analysis needs; all sampling is seeded. ``n_facts``: the
     random sample (None: every fact; 0: none, for analyses that only use known facts).
 
     ``known``: also screen ``screen_facts`` facts (a seeded sample spread over relations; None: all
     of ParaRel) with the reference and draw that many reference-right prompts, stratified by
     relation (``measure.screen``; 0 or None: no screening). ``ppl_tokens=0`` loads no perplexity
-    text (analyses that do not measure perplexity)."""
-    lm = load_model(model, device=device, dtype=dtype)
+    text (analyses that do not measure perplexity). ``device_map`` / ``max_memory``: spread the
+    model over several GPUs (``core.models.load_model``); ``device`` is then unused."""
+    lm = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     tok = lm.tokenizer
     pool = data.load_pararel(data_root)
     facts = data.sample_facts(pool, n_facts, seed=seed) if n_facts != 0 else []

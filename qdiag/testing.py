@@ -99,6 +99,10 @@ REAL_SHAPES = {
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
     "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    # Llama-3.1-70B's layer shapes, 48 of its 80 layers: 43B parameters, 80 GiB in bfloat16, more
+    # than one 80 GB card holds and less than two
+    "llama-70b-48l": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=48,
+                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
 }
 
 

@@ -8,6 +8,7 @@ runs the same tests on the CPU, to check the tests themselves).
 import json
 import math
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -78,3 +79,35 @@ def test_other_quantizers_and_a_checkpoint_on_the_gpu(knowing_model, tmp_path, d
         assert rows.ppl.iloc[3] == pytest.approx(rows.ppl.iloc[5], rel=1e-3)
     assert main(["diagnose", *common, "--quantized", str(ckpt), "--evidence", "triage", "--out",
                  str(tmp_path / "diag")]) == 0
+
+
+SHARDED = ["cliff", "lens", "causal", "components", "representations", "diagnose"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("command", SHARDED)
+def test_a_model_sharded_over_two_cards_gives_the_single_card_results(knowing_model, tmp_path, monkeypatch, command):
+    """The embedding and the first half of the layers on card 0, the rest, the final norm and the
+    unembedding on card 1: every number as on one card, and memory used on both."""
+    import qdiag.experiment as experiment
+    from qdiag.core.models import load_model
+
+    model, data = knowing_model
+    n_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+             **{f"model.layers.{i}": int(i >= n_layers // 2) for i in range(n_layers)}}
+    monkeypatch.setattr(experiment, "load_model", lambda name, device_map=None, **kw: load_model(
+        name, device_map=split if device_map == "sequential" else device_map, **kw))
+    extra, name = COMMANDS[command]
+    common = [a for a in COMMON if a not in ("--device", DEVICE)]
+    results = {}
+    for how, placement in (("one", ["--device", "cuda:0"]), ("two", ["--device-map", "sequential"])):
+        out = tmp_path / how
+        args = [command, "--model", model, "--data", str(data), *common, *extra, *placement, "--out", str(out)]
+        assert main(args) == 0
+        results[how] = json.loads((out / name).read_text())
+    one, two = pd.DataFrame(results["one"]["rows"]), pd.DataFrame(results["two"]["rows"])
+    numbers = [c for c in one.select_dtypes("number").columns if "seconds" not in c]  # timings differ
+    pd.testing.assert_frame_equal(one[numbers], two[numbers], rtol=1e-3, atol=1e-4)
+    peaks = results["two"]["meta"]["peak_gib_per_gpu"]
+    assert len(peaks) >= 2 and peaks[0] > 0 and peaks[1] > 0

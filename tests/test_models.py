@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from qdiag.core.arch import resolve, unwrap
-from qdiag.core.models import ModelNotFoundError, load_model, locate
+from qdiag.core.models import ModelNotFoundError, check_placement, load_model, locate, parse_max_memory
 from qdiag.testing import tiny_model, tiny_tokenizer
 
 
@@ -44,3 +45,36 @@ def test_hub_ids_pass_through():
 def test_bad_dtype_and_device(local_model):
     with pytest.raises(ValueError, match="dtype"):
         load_model(str(local_model), dtype="int4")
+
+
+def test_max_memory_is_read_as_accelerate_takes_it():
+    assert parse_max_memory("0=70GiB, 1=70GiB,cpu=10GiB") == {0: "70GiB", 1: "70GiB", "cpu": "10GiB"}
+    assert parse_max_memory(None) is None and parse_max_memory({0: "1GiB"}) == {0: "1GiB"}
+    with pytest.raises(ValueError, match="DEVICE=SIZE"):
+        parse_max_memory("0:70GiB")
+
+
+def test_a_device_map_loads_the_same_model(local_model):
+    plain, mapped = load_model(str(local_model)), load_model(str(local_model), device_map="auto")
+    assert {p.device.type for p in unwrap(mapped).parameters()} == {"cpu"}  # accelerate's placement, no GPU here
+    ids = plain.tokenizer("the capital of France is", return_tensors="pt").input_ids
+    torch.testing.assert_close(unwrap(mapped)(ids).logits, unwrap(plain)(ids).logits)
+
+
+def test_bad_placement_options_say_what_to_do(local_model):
+    with pytest.raises(ValueError, match="device_map must be one of"):
+        load_model(str(local_model), device_map="everywhere")
+    with pytest.raises(ValueError, match="give a device_map too"):
+        load_model(str(local_model), max_memory="0=1GiB")
+
+
+def test_offloaded_weights_are_refused():
+    hf = tiny_model("llama")
+    check_placement(hf)  # every weight resident: fine
+    hf.hf_device_map = {"model.layers.0": "cpu", "model.layers.1": "disk"}
+    with pytest.raises(ValueError, match="--max-memory"):
+        check_placement(hf)
+    hf = tiny_model("llama")
+    hf.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
+    with pytest.raises(ValueError, match="down_proj"):
+        check_placement(hf)

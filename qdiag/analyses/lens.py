@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import positions as P
-from ..core.arch import unwrap
 from ..core.data import Fact
 from ..core.io import save_analysis, write_csv
 from ..measure import evaluate as ev
@@ -36,12 +35,10 @@ def logit_lens(model, batch: dict, answer: torch.Tensor, final_norm: bool = True
     token: two ``(batch, layers)`` tensors."""
     last = torch.full((batch["input_ids"].shape[0], 1), batch["input_ids"].shape[1] - 1)
     resid = collect(model, batch, ("resid",), tokens=last)["resid"]
-    dtype = next(unwrap(model).parameters()).dtype
-    device = next(unwrap(model).parameters()).device
     probs, ranks = [], []
-    for h in resid:
-        logits = project(model, h[:, 0].to(device, dtype), final_norm)
-        p, r = prob_and_rank(logits, answer.to(device))
+    for h in resid:  # project moves each layer's stream to the unembedding's device (another card, if sharded)
+        logits = project(model, h[:, 0], final_norm)
+        p, r = prob_and_rank(logits, answer)
         probs.append(p.cpu())
         ranks.append(r.cpu())
     return torch.stack(probs, 1), torch.stack(ranks, 1)

@@ -83,12 +83,46 @@ def locate(name: str) -> tuple[str, str | None]:
     )
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory(text: str | dict | None) -> dict | None:
+    """``"0=70GiB,1=70GiB"`` (a card index or ``cpu`` = a size accelerate understands) as the dict
+    ``from_pretrained(max_memory=...)`` takes; a dict passes through."""
+    if text is None or isinstance(text, dict):
+        return text
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = part.partition("=")
+        if not sep or not size.strip():
+            raise ValueError(f"--max-memory takes DEVICE=SIZE pairs like '0=70GiB,1=70GiB', got {part!r}")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = size.strip()
+    return out
+
+
+def check_placement(hf: torch.nn.Module) -> None:
+    """Refuse a model whose weights accelerate offloaded (to the CPU or disk, held on the meta
+    device and loaded at each forward): qdiag swaps quantized weights into the modules in place,
+    which offloaded weights do not allow."""
+    offloaded = [n for n, p in hf.named_parameters() if p.device.type == "meta"]
+    placed = set(getattr(hf, "hf_device_map", {}).values())
+    if offloaded or "disk" in placed:
+        where = offloaded[0] if offloaded else "disk"
+        raise ValueError(f"the model's weights do not all fit on the devices given (first offloaded: {where}); "
+                         "qdiag needs every weight resident on a GPU or the CPU. Give the GPUs more room with "
+                         "--max-memory (e.g. '0=75GiB,1=75GiB'), use more GPUs, or a smaller dtype (--dtype bfloat16)")
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               device_map: str | None = None, trust_remote_code: bool = False):
+               device_map: str | dict | None = None, trust_remote_code: bool = False,
+               max_memory: str | dict | None = None):
     """Load a causal LM and its tokenizer, wrapped for nnsight; returns the nnsight model.
 
     ``model.tokenizer`` is the tokenizer (left padding); ``qdiag.arch.unwrap(model)`` is the
-    plain transformers module. ``device_map="auto"`` spreads a large model over several GPUs.
+    plain transformers module. ``device_map`` (``auto``, ``balanced``, ``sequential`` or an explicit
+    module-to-device dict) spreads a large model over several GPUs, within ``max_memory`` per device
+    (``"0=70GiB,1=70GiB"``); weights offloaded to the CPU or disk are refused (``check_placement``).
     """
     # nnsight and transformers take seconds to import: only when a model is loaded
     from nnsight.modeling.transformers import TransformersModel
@@ -100,8 +134,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
         dtype = DTYPES[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device; use device='cpu'")
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)} (or a dict), got {device_map!r}")
     where, gguf = locate(name)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if max_memory is not None:
+        if device_map is None:
+            raise ValueError("max_memory limits what device_map places on each device: give a device_map too")
+        kwargs["max_memory"] = parse_max_memory(max_memory)
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
@@ -112,6 +152,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
         raise ModelNotFoundError(f"could not load {name!r} from {where!r}: {err}") from err
     if device_map is None:
         hf.to(device)
+    else:
+        check_placement(hf)
     hf.eval()
     hf.requires_grad_(False)
     if tokenizer.pad_token is None:
