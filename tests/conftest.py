@@ -3,6 +3,7 @@ them are marked ``data``, so ``-m "not data"`` runs without them)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import time
@@ -54,7 +55,7 @@ class SmokeBook:
     the notebook tests and the browser test share one execution. A chapter that failed fails again."""
 
     def __init__(self, folder: Path, data: Path):
-        from qdiag.book import build
+        build = importlib.import_module("qdiag.book.build")  # the module; qdiag.book.build is its function
 
         self.build, self.book, self.runs, self.failed = build, folder / "book", {}, {}
         shutil.copytree(ROOT / "book", self.book, ignore=shutil.ignore_patterns(
