@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--max-prompts", type=_positive, default=None, help="at most this many reference-right prompts")
     di.add_argument("--max-tokens", type=_positive, default=2048, help="token rows for the representation probes")
     di.add_argument("--batch-size", type=_positive, default=16)
+
+    sw = sub.add_parser("sweep", help="a manifest of models x methods x widths x analyses, run as jobs on Ray")
+    sw.add_argument("manifest", type=Path, help="YAML or JSON manifest (see the README)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.add_argument("--check", action="store_true", help="check the manifest and list its jobs; run nothing")
+    sw.set_defaults(func=cmd_sweep)
     di.add_argument("--try-remedy", action="store_true", help="apply the suggested weight repairs and diagnose again")
     di.set_defaults(ppl_tokens=2048, default_bits=[8, 4, 3, 2])
     return parser
@@ -377,17 +383,36 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
                         "lost"]].round(3).to_string(index=False))
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+
+    manifest = sweep.read(args.manifest)
+    todo = [j for j in manifest.jobs if not sweep.finished(j, manifest.out)]
+    print(f"{len(manifest.jobs)} jobs, {len(manifest.jobs) - len(todo)} finished before, results in {manifest.out}",
+          file=sys.stderr)
+    if args.check:
+        for j in manifest.jobs:
+            print(" ".join(["qdiag", *j.command()]))
+        return 0
+    summary = sweep.run(manifest, progress=not args.quiet)
+    for f in summary["failed"]:
+        print(f"failed: {f['job']}: {f['error']}", file=sys.stderr)
+    print(f"done {len(summary['done'])}, skipped {summary['skipped']}, failed {len(summary['failed'])}",
+          file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"qdiag {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,214 @@
+"""Sweeps: a manifest of models x methods x widths x group sizes x seeds x analyses, expanded into
+independent jobs and run on Ray, locally or on a cluster, unchanged.
+
+    qdiag sweep sweep.yml
+
+Each job is one ``qdiag <analysis>`` command for one configuration; it writes to a deterministic
+folder ``OUT/<model>/<analysis>/<method>-w<bits>-g<group>-s<seed>/`` and, last, ``job.json``, the
+mark of a finished job. A sweep skips finished jobs, so one that was interrupted resumes where it
+stopped; a failing job is retried ``retries`` times, then reported in ``OUT/sweep.json`` beside
+the others. The manifest is checked whole before anything starts. Ray is an optional extra
+(``pip install qdiag[sweep]``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .core.io import write_json
+
+# The analyses a job can run: the commands of the command line.
+ANALYSES = ("cliff", "lens", "causal", "components", "representations", "sensitivity", "repair", "diagnose")
+KEYS = {"models", "methods", "bits", "group_sizes", "seeds", "analyses", "options", "out", "retries", "address",
+        "gpus_per_job", "cpus_per_job"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One command of the sweep: what it runs and where its results go."""
+
+    model: str
+    analysis: str
+    method: str
+    bits: int
+    group_size: int | None
+    seed: int
+    options: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-w{self.bits}-g{self.group_size or 'ch'}-s{self.seed}"
+
+    def folder(self, out: Path) -> Path:
+        return out / _slug(self.model) / self.analysis / self.name
+
+    def command(self) -> list[str]:
+        """The job's command, without where it runs and writes (what makes two jobs the same)."""
+        return [self.analysis, "--model", self.model, "--method", self.method, "--bits", str(self.bits),
+                "--group-size", str(self.group_size or "channel"), "--seed", str(self.seed), *self.options]
+
+    def args(self, out: Path, device: str) -> list[str]:
+        return [*self.command(), "--device", device, "--quiet", "--out", str(self.folder(out))]
+
+
+@dataclass
+class Manifest:
+    """A checked manifest (``read``)."""
+
+    jobs: list[Job]
+    out: Path
+    retries: int = 1
+    address: str | None = None
+    gpus_per_job: float = 0
+    cpus_per_job: float = 1
+    source: dict = field(default_factory=dict)
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/")).strip("_") or "model"
+
+
+def _list(doc: dict, key: str, default: list) -> list:
+    value = doc.get(key, default)
+    return value if isinstance(value, list) else [value]
+
+
+def read(path: str | Path) -> Manifest:
+    """The manifest at ``path`` (YAML or JSON), checked whole: unknown keys, models, methods, widths,
+    group sizes and analyses are errors that name what is wrong, before any job runs."""
+    from .core.models import ModelNotFoundError, locate
+    from .quant.quantize import QuantSpec
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no manifest at {path}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a manifest is a mapping of keys ({', '.join(sorted(KEYS))})")
+    errors = [f"unknown key {k!r} (known: {', '.join(sorted(KEYS))})" for k in doc if k not in KEYS]
+    models = _list(doc, "models", [])
+    if not models:
+        errors.append("no models: give at least one under 'models'")
+    for m in models:
+        try:
+            locate(str(m))
+        except ModelNotFoundError as e:
+            errors.append(f"model {m!r}: {e}")
+    analyses = _list(doc, "analyses", ["diagnose"])
+    errors += [f"unknown analysis {a!r} (one of {', '.join(ANALYSES)})" for a in analyses if a not in ANALYSES]
+    methods = _list(doc, "methods", ["rtn"])
+    bits = _list(doc, "bits", [4, 2])
+    groups = [None if g in (None, 0) else g for g in _list(doc, "group_sizes", [128])]
+    for m, b, g in itertools.product(methods, bits, groups):
+        try:
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise ValueError("bits are whole numbers, like 4")
+            QuantSpec(b, g, method=str(m))
+        except (ValueError, TypeError) as e:
+            errors.append(f"width {b!r} with method {m!r} and group size {g}: {e}")
+    seeds = _list(doc, "seeds", [0])
+    options = doc.get("options", {}) or {}
+    if not isinstance(options, dict):
+        errors.append("'options' is a mapping of command-line options to values, like {facts: 40}")
+        options = {}
+    bad = [k for k in options if k in {"model", "method", "bits", "group-size", "seed", "out", "device"}]
+    errors += [f"option {k!r} is set by the sweep itself; use the manifest's own key" for k in bad]
+    if errors:
+        raise ValueError(f"{path}: the manifest has {len(errors)} problem(s), nothing was run:\n  - "
+                         + "\n  - ".join(errors))
+    flat: list[str] = []
+    for k, v in sorted(options.items()):
+        flag = f"--{k.replace('_', '-')}"
+        if v is True:
+            flat.append(flag)
+        elif v is not False and v is not None:
+            flat += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    jobs = [Job(str(m), a, str(me), int(b), g, int(s), tuple(flat))
+            for m, a, me, b, g, s in itertools.product(models, analyses, methods, bits, groups, seeds)]
+    out = Path(doc.get("out", "results/sweep"))
+    if not out.is_absolute():
+        out = path.parent / out
+    return Manifest(jobs, out, int(doc.get("retries", 1)), doc.get("address"), float(doc.get("gpus_per_job", 0)),
+                    float(doc.get("cpus_per_job", 1)), doc)
+
+
+def finished(job: Job, out: Path) -> bool:
+    """Whether ``job`` ran to the end before, with the same command."""
+    mark = job.folder(out) / "job.json"
+    if not mark.exists():
+        return False
+    try:
+        return json.loads(mark.read_text()).get("command") == job.command()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def run_job(job: Job, out: Path, device: str) -> dict:
+    """Run one job in this process: the analysis's command, then its mark of completion."""
+    from .cli import main
+
+    started = time.time()
+    code = main(job.args(out, device))
+    if code != 0:
+        raise RuntimeError(f"qdiag {job.analysis} exited with {code}")
+    finished_at = time.time()
+    record = {"command": job.command(), "device": device, "seconds": round(finished_at - started, 1),
+              "started_at": started, "finished_at": finished_at, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(job.folder(out) / "job.json", record)
+    return record
+
+
+def run(manifest: Manifest, progress: bool = True, ray_init: dict | None = None) -> dict:
+    """Run every unfinished job of ``manifest`` on Ray (``manifest.address``: an existing cluster;
+    None: a local instance); returns the summary also written to ``OUT/sweep.json``."""
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("sweeps run on Ray, an optional extra: pip install 'qdiag[sweep]'") from e
+    from tqdm.auto import tqdm
+
+    out = manifest.out
+    todo = [j for j in manifest.jobs if not finished(j, out)]
+    skipped = len(manifest.jobs) - len(todo)
+    device = "cuda" if manifest.gpus_per_job else "cpu"
+    summary = {"jobs": len(manifest.jobs), "skipped": skipped, "done": [], "failed": []}
+    if todo:
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=manifest.address, **(ray_init or {}))
+        task = ray.remote(num_cpus=manifest.cpus_per_job, num_gpus=manifest.gpus_per_job,
+                          max_retries=manifest.retries, retry_exceptions=True)(run_job)
+        pending = {task.remote(j, out, device): j for j in todo}
+        bar = tqdm(total=len(todo), desc="sweep", disable=not progress, file=sys.stderr)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(ready[0])
+                try:
+                    ray.get(ready[0])
+                    summary["done"].append(str(job.folder(out).relative_to(out)))
+                except Exception as e:  # the job failed after its retries: report it, go on
+                    summary["failed"].append({"job": str(job.folder(out).relative_to(out)),
+                                              "error": str(e).strip().splitlines()[-1][:500]})
+                bar.update(1)
+                bar.set_postfix(done=len(summary["done"]), running=min(len(pending), _slots()),
+                                failed=len(summary["failed"]))
+        finally:
+            bar.close()
+            if started_here:
+                ray.shutdown()
+    write_json(out / "sweep.json", summary)
+    return summary
+
+
+def _slots() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
