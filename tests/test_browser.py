@@ -176,7 +176,8 @@ def test_pages_fit_a_phone_and_chapters_are_captured(site):
         if rel.startswith("notebooks/"):
             name = Path(rel).stem
             page.screenshot(path=str(shots / f"{name}-phone.png"))
-            page.set_viewport_size(DESKTOP)
-            page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+            wide, _, _ = _open(site["browser"], base + rel, DESKTOP, base)
+            wide.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+            wide.close()
         page.close()
     assert len(list(shots.glob("*-phone.png"))) >= len(_chapters(html))

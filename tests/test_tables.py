@@ -26,8 +26,9 @@ def test_a_column_that_is_not_there_is_named():
         with_intervals(pd.DataFrame({"acc": [0.5]}), ["retention"])
 
 
-def test_the_page_table_hides_the_index_and_rounds():
-    rows = pd.DataFrame({"kl": [0.012345], "acc": [0.5], "acc_lo": [0.25], "acc_hi": [0.75]}, index=[7])
-    html = page(rows, ["kl", "acc"]).to_html()
-    assert "0.012" in html and "0.0123" not in html and "0.50 [0.25, 0.75]" in html
+def test_the_page_table_hides_the_index_and_keeps_numbers_short():
+    rows = pd.DataFrame({"kl": [0.012345], "ppl": [7293259.26], "acc": [0.5], "acc_lo": [0.25], "acc_hi": [0.75]},
+                        index=[7])
+    html = page(rows, ["kl", "ppl", "acc"]).to_html()
+    assert "0.01235" in html and "7.293e+06" in html and "0.50 [0.25, 0.75]" in html
     assert ">7<" not in html

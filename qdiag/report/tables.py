@@ -35,7 +35,9 @@ def _estimate(x, lo, hi, digits: int) -> str:
     return f"{x:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def page(rows: pd.DataFrame, columns: list[str], digits: int = 3):
-    """The table a chapter shows: ``with_intervals`` (intervals to two decimals), numbers to ``digits``,
-    no index column."""
-    return with_intervals(rows, columns, precision=digits).style.hide(axis="index").format(precision=digits)
+def page(rows: pd.DataFrame, columns: list[str], digits: int = 4):
+    """The table a chapter shows: ``with_intervals`` (intervals to two decimals), other numbers to
+    ``digits`` significant digits (a 2-bit perplexity of millions stays short), no index column."""
+    table = with_intervals(rows, columns, precision=12)
+    floats = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    return table.style.hide(axis="index").format(lambda v: "" if pd.isna(v) else f"{v:.{digits}g}", subset=floats)
