@@ -39,25 +39,52 @@ class LowRank:
         return self.base.nbytes + (self.B.numel() + self.A.numel()) * 2  # stored at 16 bits
 
 
+# Below this share of the matrix's smaller side, the leading singular vectors come from a randomized
+# SVD (a few matrix products and one small QR) instead of a full one: at Llama-8B shapes the full
+# float64 SVDs dominated the repair analysis. benchmarks/eora_speed.py measures the error it adds.
+RANDOMIZED_BELOW = 0.25
+OVERSAMPLE, POWER_ITERATIONS = 16, 4
+
+
 def eora_factors(error: torch.Tensor, H: torch.Tensor, rank: int, eps: float = 1e-6,
-                 eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``B (out, r)``, ``A (r, in)`` with ``B A`` the best rank-r fit of ``error (out, in)`` in the
     norm weighted by the input second moment ``H = X^T X / n``; full rank returns ``error``.
-    ``eig``: ``torch.linalg.eigh(H.double())`` when already computed (matrices sharing an input)."""
-    B, A = _weighted_svd(error, H, eps, eig)
+    ``eig``: ``torch.linalg.eigh(H.double())`` when already computed (matrices sharing an input).
+    A small rank of a large matrix is fitted by a randomized SVD unless ``exact``."""
+    B, A = _weighted_svd(error, H, eps, eig, None if exact else rank)
     r = min(rank, B.shape[1])
     return B[:, :r].float(), A[:r].float()
 
 
 def _weighted_svd(error: torch.Tensor, H: torch.Tensor, eps: float = 1e-6,
-                  eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # every rank's factors at once, best first: rank r is B[:, :r], A[:r]
+                  eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # the factors of every rank up to ``rank`` (None: all) at once, best first: rank r is B[:, :r], A[:r]
     evals, U = eig if eig is not None else torch.linalg.eigh(H.double())
     evals = evals.clamp_min(eps * float(evals.max().clamp_min(eps)))
     s = evals.sqrt()
     projected = error.double() @ U * s  # E U L^1/2
-    Uu, S, Vh = torch.linalg.svd(projected, full_matrices=False)
+    if rank is not None and rank < RANDOMIZED_BELOW * min(projected.shape):
+        q = min(rank + OVERSAMPLE, min(projected.shape))
+        gen = torch.Generator(device=projected.device).manual_seed(0)  # the same factors on every run
+        Uu, S, Vh = _randomized_svd(projected, q, POWER_ITERATIONS, gen)
+    else:
+        Uu, S, Vh = torch.linalg.svd(projected, full_matrices=False)
     return Uu * S, (Vh / s) @ U.t()  # V^T L^-1/2 U^T
+
+
+def _randomized_svd(M: torch.Tensor, q: int, iterations: int, gen: torch.Generator):
+    """The ``q`` leading singular triplets of ``M`` by subspace iteration from a seeded Gaussian
+    start (Halko, Martinsson and Tropp 2011, algorithm 4.4), re-orthonormalized at every step."""
+    Y = M @ torch.randn(M.shape[1], q, dtype=M.dtype, device=M.device, generator=gen)
+    Qm = torch.linalg.qr(Y).Q
+    for _ in range(iterations):
+        Qm = torch.linalg.qr(M.t() @ Qm).Q
+        Qm = torch.linalg.qr(M @ Qm).Q
+    u, S, Vh = torch.linalg.svd(Qm.t() @ M, full_matrices=False)
+    return Qm @ u, S, Vh
 
 
 def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ranks: Sequence[int],
@@ -93,7 +120,7 @@ def _correct(hf: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tenso
         if key != last_key:
             last_key, eig = key, torch.linalg.eigh(H.double())
         q = qw.tensors[name]
-        B, A = _weighted_svd(w - q.dequantize(torch.float32).to(w.device), H, eig=eig)
+        B, A = _weighted_svd(w - q.dequantize(torch.float32).to(w.device), H, eig=eig, rank=max(ranks))
         for r in ranks:
             k = min(r, B.shape[1])
             corrected[r][name] = LowRank(q, B[:, :k].float().contiguous(), A[:k].float().contiguous())
