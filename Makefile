@@ -52,6 +52,7 @@ bench:  ## speed and memory benchmarks; they print ratios
 	$(PYTHON) benchmarks/gptq_vs_gptqmodel.py --skip-gptqmodel  # add GPTQModel: see the script
 	$(PYTHON) benchmarks/hqq_parity.py  # against the hqq package when it is installed
 	$(PYTHON) benchmarks/awq_vs_autoawq.py --skip-autoawq  # add AutoAWQ: see the script
+	$(PYTHON) benchmarks/eora_speed.py  # randomized against full SVD: time and the error it adds
 
 clean:
 	rm -rf book/_build book/notebooks book/results book/status.md book/_cache
