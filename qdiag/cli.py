@@ -244,9 +244,10 @@ def _specs(args: argparse.Namespace, quantized: bool = False) -> list:
 def _configs(args: argparse.Namespace, exp, quantized: bool = False) -> list:
     """The configurations to analyse: the --bits x --method specs, then each --quantized checkpoint
     read against the loaded model (refused there if it does not fit)."""
-    from .measure.widths import checkpoint_width, quantized_only
+    from .measure.widths import checkpoint_width, distinct_labels, quantized_only
 
-    configs = _specs(args) + [checkpoint_width(exp.model, p, progress=not args.quiet) for p in args.quantized]
+    configs = distinct_labels(_specs(args) + [checkpoint_width(exp.model, p, progress=not args.quiet)
+                                              for p in args.quantized])
     for w in configs[len(configs) - len(args.quantized):]:
         if not args.quiet:
             print(w.checkpoint.describe(), file=sys.stderr)

@@ -248,3 +248,17 @@ def test_checkpoints_refused_before_any_work(local_model, tmp_path, data_dir, ca
     assert main(analysis_args(command, local_model, out, data_dir, "--quantized", str(ckpt))) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_two_checkpoints_of_the_same_kind_keep_apart(tmp_path):
+    path, data = knowing(tmp_path, layers=2)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    a = write_gguf(hf, tok, tmp_path / "a.gguf", "Q4_0")
+    b = write_gguf(hf, tok, tmp_path / "b.gguf", "Q4_0", norm_scale=1.5)
+    args = ["cliff", "--model", str(path), "--quantized", f"{a},{b}", "--data", str(data), "--facts", "20",
+            "--known", "0", "--ppl-tokens", "200", "--ppl-window", "50", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    rows = pd.DataFrame(json.loads((tmp_path / "out" / "cliff.json").read_text())["rows"])
+    assert rows.method.tolist() == ["fp", "gguf-Q4_0[a.gguf]", "gguf-Q4_0[b.gguf]"]
+    assert rows.ppl.iloc[1] != rows.ppl.iloc[2]  # two files, two results

@@ -14,10 +14,12 @@ built directly and passed in the same list.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -110,6 +112,19 @@ def checkpoint_width(model: nn.Module, path: str, progress: bool = False) -> Wid
     ckpt = checkpoint.read(model, path, progress=progress)
     return Width(ckpt.method, ckpt.bits, ckpt.group_size, None, ckpt.avg_bits, time.perf_counter() - t0,
                  apply=ckpt.weights.applied, weights=ckpt.weights, key=ckpt.weights.key, checkpoint=ckpt)
+
+
+def distinct_labels(configs: list[QuantSpec | Width]) -> list[QuantSpec | Width]:
+    """Checkpoints that would share a label with another configuration (two ``Q4_0`` files, two
+    GPTQ folders of the same bits) labelled by their file or folder name too: ``gguf-Q4_0[a.gguf]``."""
+    def label(c: QuantSpec | Width) -> tuple:
+        return c.method, c.bits, c.group_size
+
+    counts: dict[tuple, int] = {}
+    for c in configs:
+        counts[label(c)] = counts.get(label(c), 0) + 1
+    return [dataclasses.replace(c, method=f"{c.method}[{Path(str(c.checkpoint.path)).name}]")
+            if isinstance(c, Width) and c.checkpoint is not None and counts[label(c)] > 1 else c for c in configs]
 
 
 def each_width(model: nn.Module, configs: Iterable[QuantSpec | Width], calib: torch.Tensor | None = None,
