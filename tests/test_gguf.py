@@ -82,3 +82,23 @@ def test_a_gguf_plan_quantizes_every_matrix_and_counts_its_bits():
     t = GGMLQuantizationType.Q4_0
     assert torch.equal(qw.tensors[name].dequantize(), torch.from_numpy(dequantize(quantize(w.numpy(), t), t)))
     assert qw.key and qw.key != quantize_model(model, uniform_plan(model, QuantSpec.gguf("q8_0"))).key
+
+
+# Where each k-quant keeps its float16 factors (d, and dmin for the types with minima).
+K_FACTORS = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+@pytest.mark.parametrize("name", sorted(K_FACTORS))
+def test_k_quants_dequantize_in_torch_as_the_package_does(name):
+    """Super-blocks of arbitrary bytes (finite float16 factors): equal bit for bit to gguf's numpy code."""
+    t = GGMLQuantizationType[name]
+    block, size = GGML_QUANT_SIZES[t]
+    g = np.random.default_rng(2)
+    data = g.integers(0, 256, (4, 2 * size), dtype=np.uint8)
+    blocks = data.reshape(4, 2, size)
+    for at in K_FACTORS[name]:
+        blocks[..., at:at + 2] = np.frombuffer(g.normal(0, 0.05, 8).astype(np.float16).tobytes(),
+                                               np.uint8).reshape(4, 2, 2)
+    packed = gguf.GGUFTensor(torch.from_numpy(data), int(t), 2 * block)
+    assert torch.equal(packed.dequantize(), torch.from_numpy(dequantize(data, t)))
+    assert t in gguf._K_QUANTS  # the torch path, not the numpy fallback

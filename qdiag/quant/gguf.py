@@ -71,6 +71,8 @@ class GGUFTensor:
         t = GGMLQuantizationType(self.qtype)
         if t in _LEGACY:
             w = _dequantize_legacy(self.data, t)
+        elif t in _K_QUANTS:
+            w = _dequantize_k(self.data, t)
         else:
             w = torch.from_numpy(np_dequantize(self.data.cpu().numpy(), t)).to(self.data.device)
         return w.reshape(self.data.shape[0], self.in_features).to(dtype)
@@ -135,4 +137,72 @@ def _dequantize_legacy(data: torch.Tensor, t: GGMLQuantizationType) -> torch.Ten
     if high is not None:
         q = q | high
     w = d * q.float() + m if has_min else d * (q.float() - offset)
+    return w.reshape(data.shape[0], -1)
+
+
+# The k-quants (llama.cpp's ggml-common.h; the same steps as the gguf package's numpy code, in torch on
+# the data's device): super-blocks of 256 weights in 16 (Q2_K, Q3_K, Q6_K) or 8 (Q4_K, Q5_K) sub-blocks,
+# each with its own scale (and minimum) packed in 4 or 6 bits, under one or two float16 factors.
+_K_QUANTS = {GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K,
+             GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
+
+
+def _bits(x: torch.Tensor, n: int, width: int, shifts: list[int], mask: int) -> torch.Tensor:
+    """``x (n, m)`` bytes as ``(n, m // width, len(shifts), width)``, each shifted right and masked."""
+    s = torch.tensor(shifts, dtype=torch.uint8, device=x.device).reshape(1, 1, -1, 1)
+    return (x.reshape(n, -1, 1, width) >> s) & mask
+
+
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Q4_K / Q5_K: eight 6-bit scales and eight 6-bit minima in 12 bytes
+    d, m, m_d = scales.reshape(-1, 3, 4).unbind(1)
+    sc = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), -1)
+    mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), -1)
+    return sc.float(), mn.float()
+
+
+def _dequantize_k(data: torch.Tensor, t: GGMLQuantizationType) -> torch.Tensor:
+    _, size = GGML_QUANT_SIZES[t]
+    b = data.reshape(-1, size)
+    n = b.shape[0]
+
+    def f16(at: int) -> torch.Tensor:
+        return b[:, at:at + 2].contiguous().view(torch.float16).float()
+
+    if t == GGMLQuantizationType.Q2_K:  # scales (16) qs (64) d dmin
+        sc, qs = b[:, :16], b[:, 16:80]
+        dl = (f16(80) * (sc & 0x0F).float()).reshape(n, 16, 1)
+        ml = (f16(82) * (sc >> 4).float()).reshape(n, 16, 1)
+        q = _bits(qs, n, 32, [0, 2, 4, 6], 3).reshape(n, 16, 16).float()
+        w = dl * q - ml
+    elif t == GGMLQuantizationType.Q3_K:  # hmask (32) qs (64) scales (12) d
+        hmask, qs, sc = b[:, :32], b[:, 32:96], b[:, 96:108]
+        low = (sc[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device)
+               .reshape(1, 2, 1)).reshape(n, 16)
+        high = (sc[:, 8:].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)
+                .reshape(1, 4, 1)).reshape(n, 16)
+        scale = (((low & 0x0F) | ((high & 0x03) << 4)).to(torch.int16) - 32).float()
+        dl = (f16(108) * scale).reshape(n, 16, 1)
+        ql = _bits(qs, n, 32, [0, 2, 4, 6], 3).reshape(n, 16, 16)
+        qh = _bits(hmask, n, 32, list(range(8)), 1).reshape(n, 16, 16) ^ 1  # a set bit means no offset
+        w = dl * (ql.to(torch.int16) - (qh << 2).to(torch.int16)).float()
+    elif t in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K):  # d dmin scales (12) [qh (32)] qs
+        sc, mn = _scale_min_k4(b[:, 4:16])
+        d = (f16(0) * sc).reshape(n, -1, 1)
+        dm = (f16(2) * mn).reshape(n, -1, 1)
+        if t == GGMLQuantizationType.Q4_K:
+            q = _bits(b[:, 16:], n, 32, [0, 4], 0x0F).reshape(n, -1, 32).float()
+        else:
+            qh, qs = b[:, 16:48], b[:, 48:]
+            low = _bits(qs, n, 32, [0, 4], 0x0F).reshape(n, -1, 32)
+            high = _bits(qh, n, 32, list(range(8)), 1).reshape(n, -1, 32)
+            q = (low | (high << 4)).float()
+        w = d * q - dm
+    else:  # Q6_K: ql (128) qh (64) scales (16, signed) d
+        ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
+        d = (f16(208) * sc.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+        low = _bits(ql, n, 64, [0, 4], 0x0F).reshape(n, -1, 32)
+        high = _bits(qh, n, 32, [0, 2, 4, 6], 3).reshape(n, -1, 32)
+        q = ((low | (high << 4)).to(torch.int16) - 32).reshape(n, 16, -1).float()
+        w = d * q
     return w.reshape(data.shape[0], -1)
