@@ -12,7 +12,7 @@ def test_intervals_join_their_estimate_and_other_columns_stay():
                          "acc_hi": [0.4, np.nan], "ppl": [31.987, 28.4651], "n": [40, 12]})
     t = with_intervals(rows, ["method", "acc", "ppl", "n"])
     assert list(t.columns) == ["method", "acc", "ppl", "n"]
-    assert t.acc.tolist() == ["0.25 [0.10, 0.40]", ""]
+    assert t.acc.tolist() == ["0.25\u00a0[0.10,\u00a00.40]", ""]
     assert t.ppl.tolist() == [31.99, 28.47] and t.n.tolist() == [40, 12]
 
 
@@ -30,5 +30,5 @@ def test_the_page_table_hides_the_index_and_keeps_numbers_short():
     rows = pd.DataFrame({"kl": [0.012345], "ppl": [7293259.26], "acc": [0.5], "acc_lo": [0.25], "acc_hi": [0.75]},
                         index=[7])
     html = page(rows, ["kl", "ppl", "acc"]).to_html()
-    assert "0.01235" in html and "7.293e+06" in html and "0.50 [0.25, 0.75]" in html
+    assert "0.01235" in html and "7.293e+06" in html and "0.50\u00a0[0.25,\u00a00.75]" in html
     assert ">7<" not in html

@@ -32,7 +32,7 @@ def _estimate(x, lo, hi, digits: int) -> str:
         return ""
     if pd.isna(lo) or pd.isna(hi):
         return f"{x:.{digits}f}"
-    return f"{x:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return f"{x:.{digits}f}\u00a0[{lo:.{digits}f},\u00a0{hi:.{digits}f}]"  # no-break spaces: one line
 
 
 def page(rows: pd.DataFrame, columns: list[str], digits: int = 4):
