@@ -183,14 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--max-prompts", type=_positive, default=None, help="at most this many reference-right prompts")
     di.add_argument("--max-tokens", type=_positive, default=2048, help="token rows for the representation probes")
     di.add_argument("--batch-size", type=_positive, default=16)
+    di.add_argument("--try-remedy", action="store_true", help="apply the suggested weight repairs and diagnose again")
+    di.set_defaults(ppl_tokens=2048, default_bits=[8, 4, 3, 2])
 
     sw = sub.add_parser("sweep", help="a manifest of models x methods x widths x analyses, run as jobs on Ray")
     sw.add_argument("manifest", type=Path, help="YAML or JSON manifest (see the README)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.add_argument("--check", action="store_true", help="check the manifest and list its jobs; run nothing")
+    sw.add_argument("--summary", action="store_true",
+                    help="print the finished jobs' verdicts and key numbers side by side (also OUT/summary.csv)")
     sw.set_defaults(func=cmd_sweep)
-    di.add_argument("--try-remedy", action="store_true", help="apply the suggested weight repairs and diagnose again")
-    di.set_defaults(ppl_tokens=2048, default_bits=[8, 4, 3, 2])
     return parser
 
 
@@ -394,6 +396,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.check:
         for j in manifest.jobs:
             print(" ".join(["qdiag", *j.command()]))
+        return 0
+    if args.summary:
+        from .core.io import write_csv
+
+        table = sweep.collect(manifest)
+        if table.empty:
+            print("no finished job with a summary (diagnose, cliff) yet", file=sys.stderr)
+            return 1
+        write_csv(manifest.out / "summary.csv", table)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         return 0
     summary = sweep.run(manifest, progress=not args.quiet)
     for f in summary["failed"]:

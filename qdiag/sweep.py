@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from .core.io import write_json
@@ -212,3 +213,28 @@ def _slots() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+# What a summary keeps of each finished job: the diagnosis's verdicts, the cliff's key numbers.
+SUMMARY = {"diagnose": ("diagnosis.json", "configurations",
+                        ["avg_bits", "verdict", "score", "score_lo", "score_hi", "lost", "first_domino"]),
+           "cliff": ("cliff.json", "rows", ["avg_bits", "ppl", "kl", "retention", "acc_any"])}
+
+
+def collect(manifest: Manifest) -> pd.DataFrame:
+    """One row per finished job of ``manifest`` and configuration it reports, for the analyses with a
+    summary (``diagnose``: verdict, score, answers lost; ``cliff``: perplexity, KL, retention), the
+    models and widths side by side; jobs that did not finish are left out."""
+    rows = []
+    for job in manifest.jobs:
+        if job.analysis not in SUMMARY or not finished(job, manifest.out):
+            continue
+        name, key, columns = SUMMARY[job.analysis]
+        doc = json.loads((job.folder(manifest.out) / name).read_text())
+        for entry in doc[key]:
+            if entry.get("method") in ("fp", None) or entry.get("remedy_of"):
+                continue  # the reference and the diagnosis's repaired variants
+            rows.append({"model": job.model, "analysis": job.analysis, "method": entry["method"],
+                         "bits": entry["bits"], "group_size": entry.get("group_size"), "seed": job.seed,
+                         **{c: entry.get(c) for c in columns}})
+    return pd.DataFrame(rows)

@@ -71,3 +71,25 @@ def test_a_sweep_runs_on_ray_resumes_and_reports_a_failure(tmp_path):
     second = sweep.run(m, progress=False, ray_init={"num_cpus": 2, "include_dashboard": False})
     assert second["skipped"] == 1 and second["done"] == [str(good[1].folder(m.out).relative_to(m.out))]
     assert json.loads((good[0].folder(m.out) / "job.json").read_text()) == marks[0]  # not run again
+
+
+def test_a_summary_puts_finished_jobs_side_by_side(tmp_path, capsys):
+    """Finished diagnose jobs (their results written by hand here, as the command writes them) in one
+    table, the reference and repaired variants left out; an unfinished job is not in it."""
+    model, data = knowing(tmp_path / "m")
+    path = write(tmp_path, models=[model], analyses=["diagnose"], bits=[4, 2], group_sizes=[32],
+                 options={"data": str(data)}, out="out")
+    m = sweep.read(path)
+    done, unfinished = m.jobs
+    folder = done.folder(m.out)
+    folder.mkdir(parents=True)
+    entry = {"method": "rtn", "bits": 4, "group_size": 32, "avg_bits": 4.5, "verdict": "signal_degradation",
+             "score": 0.2, "score_lo": 0.1, "score_hi": 0.3, "lost": 0.4, "first_domino": None, "remedy_of": None}
+    remedy = {**entry, "method": "rtn+eora", "remedy_of": {"method": "rtn"}}
+    (folder / "diagnosis.json").write_text(json.dumps({"configurations": [entry, remedy]}))
+    (folder / "job.json").write_text(json.dumps({"command": done.command()}))
+    table = sweep.collect(m)
+    assert table[["model", "bits", "verdict", "score"]].values.tolist() == [[model, 4, "signal_degradation", 0.2]]
+    assert main(["sweep", str(path), "--summary"]) == 0
+    assert "signal_degradation" in capsys.readouterr().out
+    assert (m.out / "summary.csv").exists()
