@@ -62,6 +62,7 @@ def site(request):
         yield {"html": html, "base": base, "browser": browser}
         browser.close()
     server.shutdown()
+    server.server_close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
