@@ -32,3 +32,10 @@ def test_the_page_table_hides_the_index_and_keeps_numbers_short():
     html = page(rows, ["kl", "ppl", "acc"]).to_html()
     assert "0.01235" in html and "7.293e+06" in html and "0.50\u00a0[0.25,\u00a00.75]" in html
     assert ">7<" not in html
+
+
+def test_intervals_only_where_asked():
+    rows = pd.DataFrame({"acc": [0.5], "acc_lo": [0.25], "acc_hi": [0.75], "rob": [0.9], "rob_lo": [0.8],
+                         "rob_hi": [1.0]})
+    t = with_intervals(rows, ["acc", "rob"], intervals=["acc"])
+    assert t.acc.tolist() == ["0.50\u00a0[0.25,\u00a00.75]"] and t.rob.tolist() == [0.9]
