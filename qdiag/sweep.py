@@ -17,7 +17,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -69,7 +69,6 @@ class Manifest:
     address: str | None = None
     gpus_per_job: float = 0
     cpus_per_job: float = 1
-    source: dict = field(default_factory=dict)
 
 
 def _slug(model: str) -> str:
@@ -137,7 +136,7 @@ def read(path: str | Path) -> Manifest:
     if not out.is_absolute():
         out = path.parent / out
     return Manifest(jobs, out, int(doc.get("retries", 1)), doc.get("address"), float(doc.get("gpus_per_job", 0)),
-                    float(doc.get("cpus_per_job", 1)), doc)
+                    float(doc.get("cpus_per_job", 1)))
 
 
 def finished(job: Job, out: Path) -> bool:
