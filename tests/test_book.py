@@ -94,6 +94,27 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 
+def test_a_device_map_reaches_every_chapter_and_a_bad_one_is_refused():
+    params = build.tier_parameters(ROOT / "book", "book")
+    mapped = build.with_device_map(params, NOTEBOOKS, "auto")
+    assert set(mapped) == {nb.stem for nb in NOTEBOOKS}
+    for nb in NOTEBOOKS:
+        assert mapped[nb.stem] == {**params.get(nb.stem, {}), "device_map": "auto"}
+        assert "device_map" in _parameters(nbformat.read(nb, as_version=4))
+    assert build.with_device_map(params, NOTEBOOKS, None) is params
+    with pytest.raises(ValueError, match="device_map must be one of"):
+        build.with_device_map(params, NOTEBOOKS, "everywhere")
+
+
+def test_render_only_refuses_a_book_whose_chapters_were_not_executed(tmp_path, capsys):
+    (tmp_path / "notebooks").mkdir()
+    notebook(tmp_path / "notebooks" / "01_demo.ipynb")
+    (tmp_path / "book" / build.CHAPTERS).mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        build.main(["--root", str(tmp_path), "--render-only"])
+    assert "lacks 01_demo.ipynb" in capsys.readouterr().err
+
+
 def _parameters(nb) -> dict:
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     scope: dict = {}

@@ -5,6 +5,8 @@ and warnings as errors.
     python -m qdiag.book                     # the book's parameters (book/params.yml)
     python -m qdiag.book --tier classroom    # a classroom run (book/classroom.yml): minutes on a laptop
     python -m qdiag.book --smoke             # the notebooks' own (small) default parameters
+    python -m qdiag.book --device-map auto   # every chapter on the GPU(s), spread as accelerate places it
+    python -m qdiag.book --render-only       # render the chapters already executed (elsewhere, say)
 
 The executed chapters sit at ``book/notebooks/NAME.ipynb``, the same path relative to the book as the
 source notebooks to the repository, so the pages' launch buttons (Binder, Colab) open the source.
@@ -210,12 +212,24 @@ def render(book: Path) -> int:
     return subprocess.call(cmd)
 
 
+def with_device_map(params: dict, notebooks: list[Path], device_map: str | None) -> dict:
+    """The tier's parameters with ``device_map`` set for every chapter (each notebook has that
+    parameter): the book executed on the GPU(s) instead of the CPU."""
+    if device_map is None:
+        return params
+    from ..core.models import DEVICE_MAPS
+
+    if device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    return {nb.stem: {**params.get(nb.stem, {}), "device_map": device_map} for nb in notebooks}
+
+
 def build(root: Path, tier: str = "book", only: list[str] | None = None, render_html: bool = True,
-          fresh: bool = False) -> int:
+          fresh: bool = False, device_map: str | None = None) -> int:
     """Execute the notebooks and build the HTML book under ``root/book/_build``; returns an exit code.
     Chapters whose inputs have not changed since a previous build are reused (``fresh``: never)."""
     book, notebooks = root / "book", root / "notebooks"
-    params = tier_parameters(book, tier)
+    params = with_device_map(tier_parameters(book, tier), sorted(notebooks.glob("[0-9]*.ipynb")), device_map)
     runs = []
     # chapters quantize the same model the same way: GPTQ runs once per configuration, and the
     # screening, scored prompts and perplexities are shared through the run store
@@ -247,8 +261,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to execute")
     ap.add_argument("--no-render", action="store_true", help="execute only; skip jupyter-book")
     ap.add_argument("--fresh", action="store_true", help="execute every chapter, reusing no earlier execution")
+    ap.add_argument("--device-map", help="auto, balanced, ...: execute every chapter on the GPU(s) (accelerate's map)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="render the chapters already in book/notebooks (executed here or elsewhere) and stop")
     args = ap.parse_args(argv)
-    return build(args.root, "smoke" if args.smoke else args.tier, args.only, not args.no_render, args.fresh)
+    if args.render_only:
+        missing = [nb.name for nb in sorted((args.root / "notebooks").glob("[0-9]*.ipynb"))
+                   if not (args.root / "book" / CHAPTERS / nb.name).exists()]
+        if missing:
+            ap.error(f"--render-only: book/{CHAPTERS}/ lacks {', '.join(missing)}; execute them first")
+        return render(args.root / "book")
+    try:
+        return build(args.root, "smoke" if args.smoke else args.tier, args.only, not args.no_render, args.fresh,
+                     args.device_map)
+    except ValueError as err:
+        ap.error(str(err))
 
 
 if __name__ == "__main__":
