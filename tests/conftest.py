@@ -78,7 +78,7 @@ class SmokeBook:
             t0 = time.perf_counter()
             try:
                 with self.build._environment(**self.env):
-                    self.build.execute(notebook, out, {}, cwd=self.book)
+                    self.build.execute(notebook, out, {}, cwd=self.book, tier="smoke")
             except Exception as e:
                 self.failed[notebook.stem] = e
                 raise
@@ -95,8 +95,7 @@ class SmokeBook:
         if not (html / "index.html").exists():
             for nb in NOTEBOOKS:
                 self.chapter(nb)
-            runs = [{"name": k, "seconds": v, "parameters": {}} for k, v in sorted(self.runs.items())]
-            (self.book / "status.md").write_text(self.build.status_page(runs, "smoke"))
+            (self.book / "status.md").write_text(self.build.status_page(self.book / self.build.CHAPTERS))
             if self.build.render(self.book) != 0:
                 raise RuntimeError("jupyter-book build failed (warnings are errors): see the output above")
         return html

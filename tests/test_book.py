@@ -29,7 +29,7 @@ def project(tmp_path, monkeypatch):
     nb = notebook(root / "demo.ipynb")
     runs = []
 
-    def fake_execute(notebook, output, parameters, cwd):
+    def fake_execute(notebook, output, parameters, cwd, tier=None):
         runs.append(parameters)
         output.write_text(json.dumps({"ran": len(runs), "parameters": parameters}))
         results = cwd / build._results_dir(notebook, parameters, cwd)
@@ -155,3 +155,22 @@ def test_every_chapter_carries_its_course_material(path):
         assert any(f"`{n}" in question for n in names), f"exercise names no parameter: {question[:80]}"
         assert "this book's" in solution.lower() or "{glue:text}" in solution, "the solution cites the book's own run"
     assert "{download}" in md[-1], "the chapter links its results files"
+
+
+def test_an_executed_chapter_records_where_it_ran_and_the_status_page_reads_it(tmp_path):
+    pytest.importorskip("papermill")
+    chapters = tmp_path / "book" / build.CHAPTERS
+    nb = notebook(tmp_path / "01_demo.ipynb")
+    source = nbformat.read(nb, as_version=4)
+    source.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nbformat.write(source, nb)
+    seconds = build.execute(nb, chapters / "01_demo.ipynb", {"x": 7}, tmp_path, tier="classroom")
+    run = nbformat.read(chapters / "01_demo.ipynb", as_version=4).metadata["qdiag"]
+    assert run["seconds"] == pytest.approx(seconds, abs=0.1)
+    assert run["machine"] == build.machine() and run["tier"] == "classroom"
+    assert run["packages"]["papermill"] == build._version("papermill")
+    page = build.status_page(chapters, reused={"01_demo"})
+    assert f"Machine 1: {build.machine()}." in page
+    assert "the classroom tier" in page
+    row = next(line for line in page.splitlines() if line.startswith("| 01_demo |"))
+    assert f"| {seconds:.0f} | yes |" in row and "`x=7`" in row

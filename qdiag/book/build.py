@@ -56,8 +56,23 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str = "python3") -> float:
-    """Run one notebook with papermill; the output appears only if the whole run succeeds."""
+def machine() -> str:
+    """The machine a chapter executes on, in words: GPU(s) if torch sees any, cores, system, Python."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    gpu = f"{len(gpus)} x {gpus[0]}" if gpus else "no GPU"
+    bf16 = "with" if _bf16_units() else "without"
+    return (f"{gpu}, {os.cpu_count()} CPU cores ({bf16} bfloat16 matrix units), {platform.platform()}, "
+            f"Python {platform.python_version()}")
+
+
+def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str = "python3",
+            tier: str | None = None) -> float:
+    """Run one notebook with papermill; the output appears only if the whole run succeeds. The
+    executed notebook records where and with what it ran (``metadata.qdiag``: seconds, machine,
+    package versions, tier), which the status page reads wherever the book is rendered."""
+    import nbformat
     import papermill as pm  # the book's tools (pip install qdiag[book]) load only when the book is built
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -69,12 +84,18 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: s
         with _environment(TQDM_DISABLE="1"):
             pm.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(cwd), kernel_name=kernel,
                                 progress_bar=False)
+        seconds = time.perf_counter() - t0
+        nb = nbformat.read(tmp, as_version=4)
+        nb.metadata["qdiag"] = {"seconds": round(seconds, 1), "machine": machine(), "tier": tier,
+                                "executed": time.strftime("%Y-%m-%d %H:%M %Z"),
+                                "packages": {p: _version(p) for p in PACKAGES}}
+        nbformat.write(nb, tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return time.perf_counter() - t0
+    return seconds
 
 
 def glue_figure(name: str, fig) -> None:
@@ -131,7 +152,7 @@ def _results_dir(notebook: Path, parameters: dict, cwd: Path) -> Path | None:
 
 
 def execute_cached(notebook: Path, output: Path, parameters: dict, cwd: Path, cache: Path | None,
-                   key: str) -> tuple[float, bool]:
+                   key: str, tier: str | None = None) -> tuple[float, bool]:
     """``execute``, or, when ``cache`` holds this key, the stored executed notebook and results
     put back in place; returns (seconds of the execution, whether it was reused)."""
     results = _results_dir(notebook, parameters, cwd)
@@ -143,7 +164,7 @@ def execute_cached(notebook: Path, output: Path, parameters: dict, cwd: Path, ca
             shutil.copytree(entry / "results", results)
         atomic_write_bytes(output, (entry / output.name).read_bytes())
         return done["seconds"], True
-    seconds = execute(notebook, output, parameters, cwd)
+    seconds = execute(notebook, output, parameters, cwd, tier=tier)
     if entry is not None:
         shutil.rmtree(entry, ignore_errors=True)
         tmp = entry.with_name(f".{entry.name}.tmp")
@@ -173,27 +194,39 @@ def _bf16_units() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def status_page(runs: list[dict], tier: str = "book") -> str:
-    """Markdown for the status page: versions, machine, and each notebook's parameters and time."""
-    import torch
+def status_page(chapters: Path, reused: frozenset[str] | set[str] = frozenset()) -> str:
+    """Markdown for the status page, read from the executed notebooks in ``chapters`` (each records
+    its time, machine, package versions and parameters): what produced each chapter's numbers."""
+    import nbformat
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    rows, machines, tiers = [], {}, set()
+    for path in sorted(chapters.glob("[0-9]*.ipynb")):
+        meta = nbformat.read(path, as_version=4).metadata
+        run, pm = meta.get("qdiag", {}), meta.get("papermill", {})
+        where = run.get("machine", "not recorded")
+        machines.setdefault(where, run.get("packages", {}))
+        tiers.add(run.get("tier") or "not recorded")
+        seconds = run.get("seconds", pm.get("duration"))
+        params = ", ".join(f"`{k}={v!r}`" for k, v in (pm.get("parameters") or {}).items()) or "notebook defaults"
+        rows.append((path.stem, seconds, path.stem in reused, run.get("executed", pm.get("start_time", "")),
+                     list(machines).index(where) + 1, params))
     lines = ["# Status", "", "What produced the numbers in this book.", "",
-             f"Built {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.platform()}, "
-             f"{os.cpu_count()} CPU cores, GPU: {gpu}, Python {platform.python_version()}; parameters: the "
-             f"{tier} tier ({TIER_WORDS[tier]}).", "",
-             f"GPTQ's calibration passes run in float32, the model's dtype (the README says why); this CPU "
-             f"{'has' if _bf16_units() else 'has no'} bfloat16 matrix units.", "",
-             "| package | version |", "| --- | --- |"]
-    lines += [f"| {p} | {_version(p)} |" for p in PACKAGES]
-    lines += ["", "Seconds are each chapter's execution on this machine; a chapter whose notebook, parameters, "
+             f"Rendered {time.strftime('%Y-%m-%d %H:%M %Z')}; parameters: "
+             + "; ".join(f"the {t} tier ({TIER_WORDS[t]})" if t in TIER_WORDS else t for t in sorted(tiers)) + ".",
+             "", "GPTQ's calibration passes run in float32, the model's dtype (the README says why).", ""]
+    for i, (where, packages) in enumerate(machines.items(), 1):
+        lines += [f"Machine {i}: {where}.", ""]
+        if packages:
+            lines += ["| package | version |", "| --- | --- |", *[f"| {p} | {v} |" for p, v in packages.items()], ""]
+    lines += ["Seconds are each chapter's execution on the machine named; a chapter whose notebook, parameters, "
               "qdiag source, packages and data had not changed since an earlier build was reused from the "
-              "build's store (its seconds are that earlier execution's).", "",
-              "| notebook | seconds | reused | parameters |", "| --- | --- | --- | --- |"]
-    for r in runs:
-        params = ", ".join(f"`{k}={v!r}`" for k, v in r["parameters"].items()) or "notebook defaults"
-        lines.append(f"| {r['name']} | {r['seconds']:.0f} | {'yes' if r.get('reused') else 'no'} | {params} |")
-    total = sum(r["seconds"] for r in runs)
+              "build's store (its seconds and machine are that earlier execution's).", "",
+              "| notebook | seconds | reused | executed | machine | parameters |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, seconds, was_reused, when, m, params in rows:
+        sec = "?" if seconds is None else f"{seconds:.0f}"
+        lines.append(f"| {name} | {sec} | {'yes' if was_reused else 'no'} | {when} | {m} | {params} |")
+    total = sum(r[1] or 0 for r in rows)
     lines += ["", f"All chapters: {total / 60:.1f} minutes of execution."]
     return "\n".join(lines) + "\n"
 
@@ -244,11 +277,12 @@ def build(root: Path, tier: str = "book", only: list[str] | None = None, render_
         print(f"executing {nb.name} {p or '(defaults)'}", flush=True)
         with _environment(**env):
             seconds, reused = execute_cached(nb, book / CHAPTERS / nb.name, p, book, executed,
-                                             execution_key(nb, p, root))
+                                             execution_key(nb, p, root), tier)
         print(f"  {nb.stem}: {'reused ' if reused else ''}{seconds:.0f} s", flush=True)
         runs.append({"name": nb.stem, "seconds": seconds, "parameters": p, "reused": reused})
     print(f"executed in {time.perf_counter() - t0:.0f} s", flush=True)
-    atomic_write_bytes(book / "status.md", status_page(runs, tier).encode())
+    reused = {r["name"] for r in runs if r["reused"]}
+    atomic_write_bytes(book / "status.md", status_page(book / CHAPTERS, reused).encode())
     return render(book) if render_html else 0
 
 
@@ -270,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                    if not (args.root / "book" / CHAPTERS / nb.name).exists()]
         if missing:
             ap.error(f"--render-only: book/{CHAPTERS}/ lacks {', '.join(missing)}; execute them first")
-        return render(args.root / "book")
+        book = args.root / "book"
+        atomic_write_bytes(book / "status.md", status_page(book / CHAPTERS).encode())
+        return render(book)
     try:
         return build(args.root, "smoke" if args.smoke else args.tier, args.only, not args.no_render, args.fresh,
                      args.device_map)
