@@ -139,4 +139,7 @@ def test_quantizer_findings_say_whether_the_verdict_follows_the_bits():
     f = R.quantizer_findings(verdicts)
     assert f["same_verdict_4"] and not f["same_verdict_2"]
     assert f["verdicts_2"] == "rtn: Computation Collapse; awq: Signal Degradation"
+    one = R.quantizer_findings(verdicts[(verdicts.bits == 4) | (verdicts.method == "rtn")], widths=[4, 2, 3])
+    assert one["same_verdict_4"] and one["same_verdict_2"] is None and one["verdicts_2"] == "rtn: Computation Collapse"
+    assert one["same_verdict_3"] is None and one["verdicts_3"] == "none diagnosed"  # named by the prose, not run
     assert R.quantizer_figure(verdicts).axes[0].get_xticklabels()[1].get_text() == "awq"

@@ -198,15 +198,15 @@ def quantizer_figure(verdicts: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
-def quantizer_findings(verdicts: pd.DataFrame) -> dict:
-    """Per nominal width with two or more quantizers: whether they share one verdict, and each
-    one's verdict in words (for the book's prose)."""
+def quantizer_findings(verdicts: pd.DataFrame, widths: tuple | list = ()) -> dict:
+    """Per nominal width: whether the quantizers diagnosed share one verdict (None where fewer than
+    two were diagnosed at that width: a llama.cpp type fixes its own width), and each one's verdict
+    in words (for the book's prose); ``widths`` the prose names always get both keys."""
     out: dict = {}
-    for b, d in verdicts.groupby("bits"):
-        if d.method.nunique() < 2:
-            continue
-        out[f"same_verdict_{b}"] = bool(d.verdict.nunique() == 1)
-        out[f"verdicts_{b}"] = "; ".join(f"{m}: {WORDS[v]}" for m, v in zip(d.method, d.verdict))
+    for b in sorted(set(verdicts.bits) | set(widths)):
+        d = verdicts[verdicts.bits == b]
+        out[f"same_verdict_{b}"] = bool(d.verdict.nunique() == 1) if d.method.nunique() >= 2 else None
+        out[f"verdicts_{b}"] = "; ".join(f"{m}: {WORDS[v]}" for m, v in zip(d.method, d.verdict)) or "none diagnosed"
     return out
 
 
