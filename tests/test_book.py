@@ -174,3 +174,17 @@ def test_an_executed_chapter_records_where_it_ran_and_the_status_page_reads_it(t
     assert "the classroom tier" in page
     row = next(line for line in page.splitlines() if line.startswith("| 01_demo |"))
     assert f"| {seconds:.0f} | yes |" in row and "`x=7`" in row
+
+
+def test_tqdms_warning_of_a_kernel_without_widgets_stays_out_of_the_page(tmp_path):
+    pytest.importorskip("papermill")
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    nb.cells = [nbformat.v4.new_code_cell("import warnings\nwarnings.warn('IProgress not found. Please update')\n"
+                                          "warnings.warn('a warning the reader should see')")]
+    nbformat.write(nb, tmp_path / "w.ipynb")
+    build.execute(tmp_path / "w.ipynb", tmp_path / "out" / "w.ipynb", {}, tmp_path)
+    cell = nbformat.read(tmp_path / "out" / "w.ipynb", as_version=4).cells[0]
+    shown = "".join(o.get("text", "") for o in cell.outputs)
+    assert "a warning the reader should see" in shown
+    assert "IProgress" not in shown

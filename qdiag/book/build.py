@@ -79,9 +79,11 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: s
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".ipynb")
     os.close(fd)
     t0 = time.perf_counter()
-    # library progress bars (GGUF loading) stay out of the pages
+    # library progress bars (GGUF loading) stay out of the pages, and so does tqdm's warning that a
+    # kernel without ipywidgets has no notebook bars (it would show as an error box on every page)
+    quiet = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))
     try:
-        with _environment(TQDM_DISABLE="1"):
+        with _environment(TQDM_DISABLE="1", PYTHONWARNINGS=quiet):
             pm.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(cwd), kernel_name=kernel,
                                 progress_bar=False)
         seconds = time.perf_counter() - t0
