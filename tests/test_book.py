@@ -104,6 +104,8 @@ def test_a_device_map_reaches_every_chapter_and_a_bad_one_is_refused():
     assert build.with_device_map(params, NOTEBOOKS, None) is params
     with pytest.raises(ValueError, match="device_map must be one of"):
         build.with_device_map(params, NOTEBOOKS, "everywhere")
+    with pytest.raises(SystemExit):  # the command line refuses it before anything runs
+        build.main(["--device-map", "everywhere"])
 
 
 def test_render_only_refuses_a_book_whose_chapters_were_not_executed(tmp_path, capsys):

@@ -297,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to execute")
     ap.add_argument("--no-render", action="store_true", help="execute only; skip jupyter-book")
     ap.add_argument("--fresh", action="store_true", help="execute every chapter, reusing no earlier execution")
-    ap.add_argument("--device-map", help="auto, balanced, ...: execute every chapter on the GPU(s) (accelerate's map)")
+    from ..core.models import DEVICE_MAPS
+
+    ap.add_argument("--device-map", choices=DEVICE_MAPS,
+                    help="execute every chapter on the GPU(s), placed by accelerate's map of this name")
     ap.add_argument("--render-only", action="store_true",
                     help="render the chapters already in book/notebooks (executed here or elsewhere) and stop")
     args = ap.parse_args(argv)
@@ -309,11 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         book = args.root / "book"
         atomic_write_bytes(book / "status.md", status_page(book / CHAPTERS).encode())
         return render(book)
-    try:
-        return build(args.root, "smoke" if args.smoke else args.tier, args.only, not args.no_render, args.fresh,
-                     args.device_map)
-    except ValueError as err:
-        ap.error(str(err))
+    return build(args.root, "smoke" if args.smoke else args.tier, args.only, not args.no_render, args.fresh,
+                 args.device_map)
 
 
 if __name__ == "__main__":
