@@ -111,3 +111,23 @@ def test_a_model_sharded_over_two_cards_gives_the_single_card_results(knowing_mo
     pd.testing.assert_frame_equal(one[numbers], two[numbers], rtol=1e-3, atol=1e-4)
     peaks = results["two"]["meta"]["peak_gib_per_gpu"]
     assert len(peaks) >= 2 and peaks[0] > 0 and peaks[1] > 0
+
+
+@pytest.mark.parametrize("group,order", [(128, "group"), (32, "natural"), (48, "natural"), (None, "natural"),
+                                         (128, "act")], ids=["g128-group", "g32", "g48-straddles", "channel", "act"])
+def test_gptq_replayed_as_cuda_graphs_gives_the_eager_codes(group, order):
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    from qdiag.quant.gptq import gptq
+    from qdiag.quant.quantize import QuantSpec
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 384, generator=g) * torch.linspace(0.2, 3.0, 384)
+    H = (X.t() @ X / X.shape[0]).cuda()
+    spec = QuantSpec(3, group, method="gptq")
+    for seed in (1, 2):  # the second matrix of the same shape replays the graphs the first captured
+        w = torch.randn(96, 384, generator=torch.Generator().manual_seed(seed)).cuda()
+        eager = gptq(w, H, spec, order=order, graphs=False)
+        graph = gptq(w, H, spec, order=order, graphs=True)
+        for part in ("codes", "scale", "zero"):
+            assert torch.equal(getattr(eager, part), getattr(graph, part)), part

@@ -38,24 +38,25 @@ def column_order(diag: torch.Tensor, group_size: int | None, order: str) -> torc
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
-         order: str = "natural") -> QTensor:
+         order: str = "natural", graphs: bool | None = None) -> QTensor:
     """Quantize ``w`` (out, in) against the input second moment ``H`` (in, in).
 
     Groups are contiguous in the original column order, so the stored layout never depends on
     ``order``. With ``order="act"`` the group parameters are fixed up front from ``w`` ("static
     groups"); otherwise each group's are found when GPTQ reaches it, from its error-corrected
-    columns.
+    columns. ``graphs`` (default: on a CUDA device) replays each block's column loop as a CUDA graph:
+    the loop is some ten small kernels per column, so on a GPU launching them is most of the time.
     """
     spec.check(w.shape[1])
     W = w.detach().clone().float()
-    H = H.detach().clone().float()
+    H = H.detach().float()
     out, cols = W.shape
     gs = spec.group_size
     G = n_groups(cols, gs)
-    maxq = 2**spec.bits - 1
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    diag = torch.diag(H).clone()
+    dead = diag == 0
+    diag[dead] = 1
     W[:, dead] = 0
 
     static = order == "act" or gs is None
@@ -64,46 +65,122 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, 
     if static:
         scale, zero = minmax_params(grouped(W, gs), spec.bits, spec.sym)
 
-    perm = column_order(torch.diag(H), gs, order)
+    perm = column_order(diag, gs, order)
+    # one working copy of H (permuted, or cloned), factored and let go: H is the largest thing here
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    group_of = (perm if perm is not None else torch.arange(cols, device=W.device))
-    group_of = [0] * cols if gs is None else (group_of // gs).tolist()  # a list: no tensor indexing per column
+        W, H, dead = W[:, perm], H.index_select(0, perm).index_select(1, perm), dead[perm]
+    else:
+        H = H.clone()
+    H[dead, dead] = 1
+    group_of = perm if perm is not None else torch.arange(cols, device=W.device)
+    group_of = torch.zeros_like(group_of) if gs is None else group_of // gs
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    L = torch.linalg.cholesky(H)
+    del H
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
+    graphs = W.is_cuda if graphs is None else graphs
     Q = torch.zeros_like(W)
-    g_cur = -1
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = Hinv1.diagonal().tolist()
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % gs == 0:
-                # the group's current (already error-corrected) columns
-                window = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :gs]
-                g_new = group_of[col]  # visiting order keeps groups contiguous
-                scale[:, g_new], zero[:, g_new] = minmax_params(window, spec.bits, spec.sym)
-            g = group_of[col]
-            if g != g_cur:
-                s, z, g_cur = scale[:, g], zero[:, g], g
-            w_col = W1[:, i]
-            q = quantize(w_col, s, z, maxq)
-            Q1[:, i] = q
-            err = (w_col - dequantize(q, s, z)) / d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        n = i2 - i1
+        # columns of this block where a group starts (its parameters are found there, not fixed up front)
+        starts = () if static else tuple(i for i in range(n) if (i1 + i) % gs == 0)
+        groups = group_of[i1:i2]
+        S1, Z1 = scale[:, groups], zero[:, groups]  # per column; groups begun in an earlier block are set
+        block = _Block(W[:, i1:i2], Hinv[i1:i2, i1:i2], S1, Z1, W[:, i2:], starts, gs, spec)
+        fits = all(min(i1 + i + gs, cols) <= i2 for i in starts)  # no group runs past the block
+        if graphs and fits:
+            _GRAPHS.run(block)
+        else:
+            block.run()
+        for i in starts:
+            scale[:, groups[i]], zero[:, groups[i]] = block.S1[:, i], block.Z1[:, i]
+        Q[:, i1:i2] = block.Q1
+        W[:, i1:i2] = block.W1
+        W[:, i2:] -= block.Err1 @ Hinv[i1:i2, i2:]
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return QTensor.from_codes(Q, scale, zero, spec.bits, gs)
+
+
+class _Block:
+    """One block of GPTQ's column loop: the block's columns ``W1``, its corner of the inverse
+    Hessian's Cholesky factor, per-column scales and zero points (filled in where a group starts),
+    and the codes and scaled errors it produces. ``rest``: the columns after the block, which a
+    group that starts in it but runs past its end reads its parameters from."""
+
+    def __init__(self, W1, Hinv1, S1, Z1, rest, starts: tuple, gs: int | None, spec: QuantSpec) -> None:
+        self.W1, self.Hinv1, self.S1, self.Z1, self.rest = W1.clone(), Hinv1, S1, Z1, rest
+        self.d = Hinv1.diagonal().clone()
+        self.Q1 = torch.zeros_like(self.W1)
+        self.Err1 = torch.zeros_like(self.W1)
+        self.starts, self.gs, self.spec = starts, gs, spec
+        self.key = (tuple(self.W1.shape), self.W1.device, starts, gs, spec.bits, spec.sym)
+
+    def run(self) -> None:
+        W1, S1, Z1, maxq = self.W1, self.S1, self.Z1, 2**self.spec.bits - 1
+        n = W1.shape[1]
+        for i in range(n):
+            if i in self.starts:
+                window = W1[:, i : i + self.gs]
+                if window.shape[1] < self.gs and self.rest.shape[1]:
+                    window = torch.cat((W1[:, i:], self.rest), dim=1)[:, : self.gs]
+                s, z = minmax_params(window, self.spec.bits, self.spec.sym)
+                S1[:, i:] = s[:, None]  # until the next start overwrites the columns after it
+                Z1[:, i:] = z[:, None]
+            w_col = W1[:, i]
+            q = quantize(w_col, S1[:, i], Z1[:, i], maxq)
+            self.Q1[:, i] = q
+            err = (w_col - dequantize(q, S1[:, i], Z1[:, i])) / self.d[i]
+            W1[:, i:].addr_(err, self.Hinv1[i, i:], alpha=-1)
+            self.Err1[:, i] = err
+
+
+class _GraphCache:
+    """One captured CUDA graph of ``_Block.run`` per block shape and group layout, replayed on
+    static copies of each block's inputs (blocks of one matrix, and matrices of one shape in
+    every layer, share it)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict = {}
+
+    def run(self, block: _Block) -> None:
+        entry = self.graphs.get(block.key)
+        if entry is None:
+            entry = self.graphs[block.key] = self._capture(block)
+        graph, static = entry
+        for name in ("W1", "Hinv1", "d", "S1", "Z1"):
+            getattr(static, name).copy_(getattr(block, name))
+        graph.replay()
+        for name in ("W1", "S1", "Z1", "Q1", "Err1"):
+            setattr(block, name, getattr(static, name).clone())
+
+    @staticmethod
+    def _capture(block: _Block):
+        static = _Block(block.W1, block.Hinv1.clone(), block.S1.clone(), block.Z1.clone(),
+                        block.rest[:, :0], block.starts, block.gs, block.spec)
+        side = torch.cuda.Stream(block.W1.device)
+        side.wait_stream(torch.cuda.current_stream(block.W1.device))
+        with torch.cuda.stream(side):
+            static.run()  # a warm-up run before capture, as CUDA graphs need
+        torch.cuda.current_stream(block.W1.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static.run()
+        return graph, static
+
+
+_GRAPHS = _GraphCache()
+
+
+def release_graphs() -> None:
+    """Let go of the captured graphs and their buffers (after quantizing a whole model)."""
+    _GRAPHS.graphs.clear()
 
 
 def reconstruction_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
