@@ -1,14 +1,15 @@
 """EoRA-style low-rank compensation of quantization error (a training-free repair).
 
-For each matrix, the quantization error ``E = W - Q`` is projected on the eigenspace of its
-calibration inputs (``X^T X = U L U^T``), the rank-r SVD of ``E U L^1/2`` is taken and mapped back,
-giving ``B A`` that minimises ``||(E - B A) X||``; the model then runs with ``Q + B A``. B and A are
-stored at 16 bits and counted in the average bits. At full rank ``Q + B A = W``.
+For each matrix, the quantization error ``E = W - Q`` is weighted by a square root of its
+calibration inputs' second moment (EoRA uses the eigendecomposition ``X^T X = U L U^T`` and
+``U L^1/2``; any ``M`` with ``M M^T = X^T X`` gives the same optimum, and the Cholesky factor costs a
+small share of an eigendecomposition), the rank-r SVD of ``E M`` is taken and mapped back with
+``M^-1``, giving ``B A`` that minimises ``||(E - B A) X||``; the model then runs with ``Q + B A``.
+B and A are stored at 16 bits and counted in the average bits. At full rank ``Q + B A = W``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,32 +48,45 @@ OVERSAMPLE, POWER_ITERATIONS = 16, 4
 
 
 def eora_factors(error: torch.Tensor, H: torch.Tensor, rank: int, eps: float = 1e-6,
-                 eig: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 root: torch.Tensor | None = None, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``B (out, r)``, ``A (r, in)`` with ``B A`` the best rank-r fit of ``error (out, in)`` in the
     norm weighted by the input second moment ``H = X^T X / n``; full rank returns ``error``.
-    ``eig``: ``torch.linalg.eigh(H.double())`` when already computed (matrices sharing an input).
+    ``root``: ``weight_root(H)`` when already computed (matrices sharing an input).
     A small rank of a large matrix is fitted by a randomized SVD unless ``exact``."""
-    B, A = _weighted_svd(error, H, eps, eig, None if exact else rank)
+    B, A = _weighted_svd(error, H, eps, root, None if exact else rank)
     r = min(rank, B.shape[1])
     return B[:, :r].float(), A[:r].float()
 
 
-def _weighted_svd(error: torch.Tensor, H: torch.Tensor, eps: float = 1e-6,
-                  eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+def weight_root(H: torch.Tensor, eps: float = 1e-6, device: torch.device | str | None = None) -> torch.Tensor:
+    """Lower-triangular ``M`` (float64, on ``device``, default ``H``'s) with ``M M^T = H + d I``: ``d``
+    is ``eps`` times the mean of ``diag(H)``, raised tenfold until the factorization succeeds (inputs
+    that never vary, or fewer calibration tokens than inputs, leave ``H`` singular)."""
+    A = H.to(device or H.device, torch.float64, copy=True)  # one float64 copy, damped in place
+    base = eps * float(A.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    added = 0.0
+    for k in range(12):
+        A.diagonal().add_(base * 10**k - added)
+        added = base * 10**k
+        M, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return M
+        del M
+    raise ValueError("the calibration inputs' second moment is not positive semi-definite (NaN or inf in them?)")
+
+
+def _weighted_svd(error: torch.Tensor, H: torch.Tensor, eps: float = 1e-6, root: torch.Tensor | None = None,
                   rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     # the factors of every rank up to ``rank`` (None: all) at once, best first: rank r is B[:, :r], A[:r]
-    evals, U = eig if eig is not None else torch.linalg.eigh(H.double())
-    evals = evals.clamp_min(eps * float(evals.max().clamp_min(eps)))
-    s = evals.sqrt()
-    projected = error.double() @ U * s  # E U L^1/2
+    M = weight_root(H, eps) if root is None else root
+    projected = error.double() @ M  # ||(E - B A) M||_F = ||(E - B A) X||_F / sqrt(n)
     if rank is not None and rank < RANDOMIZED_BELOW * min(projected.shape):
         q = min(rank + OVERSAMPLE, min(projected.shape))
         gen = torch.Generator(device=projected.device).manual_seed(0)  # the same factors on every run
         Uu, S, Vh = _randomized_svd(projected, q, POWER_ITERATIONS, gen)
     else:
         Uu, S, Vh = torch.linalg.svd(projected, full_matrices=False)
-    return Uu * S, (Vh / s) @ U.t()  # V^T L^-1/2 U^T
+    return Uu * S, torch.linalg.solve_triangular(M, Vh, upper=False, left=False)  # V^T M^-1
 
 
 def _randomized_svd(M: torch.Tensor, q: int, iterations: int, gen: torch.Generator):
@@ -111,16 +125,15 @@ def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ran
 
 def _correct(hf: nn.Module, qw: QuantizedWeights, moments: dict[str, torch.Tensor], ranks: Sequence[int],
              corrected: dict[int, dict]) -> None:
-    # q/k/v (and gate/up) read the same input and come one after another: one eigh for each input
-    last_key, eig = None, None
+    # q/k/v (and gate/up) share one moment object (``input_moments``): one factorization for each input
+    last, root = None, None
     for name, H in moments.items():
         w = weight_matrix(hf.get_submodule(name)).detach().float()
-        key = hashlib.blake2b(H.contiguous().numpy().tobytes(), digest_size=16).digest()
-        H = H.to(w.device)
-        if key != last_key:
-            last_key, eig = key, torch.linalg.eigh(H.double())
+        if H is not last:
+            last, root = H, None  # the previous factor goes before the next is made
+            root = weight_root(H, device=w.device)
         q = qw.tensors[name]
-        B, A = _weighted_svd(w - q.dequantize(torch.float32).to(w.device), H, eig=eig, rank=max(ranks))
+        B, A = _weighted_svd(w - q.dequantize(torch.float32).to(w.device), H, root=root, rank=max(ranks))
         for r in ranks:
             k = min(r, B.shape[1])
             corrected[r][name] = LowRank(q, B[:, :k].float().contiguous(), A[:k].float().contiguous())
