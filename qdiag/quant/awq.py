@@ -15,7 +15,6 @@ that GPTQ and EoRA also use (the reference runs the whole attention or MLP block
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 
 import torch
@@ -104,9 +103,9 @@ def awq(model: nn.Module, plan: Plan, calib: torch.Tensor, batch_size: int = 8, 
     out: dict[str, Scaled] = {}
     bar = tqdm(total=sum(map(len, names)), desc="awq", disable=not progress)
     for moments in moments_by_chunk(model, names, calib, batch_size, budget_bytes):
-        shared: dict[bytes, list[str]] = defaultdict(list)  # matrices that read one input have one H
+        shared: dict[int, list[str]] = defaultdict(list)  # matrices that read one input share one H object
         for name, H in moments.items():
-            shared[hashlib.blake2b(H.contiguous().numpy().tobytes(), digest_size=16).digest()].append(name)
+            shared[id(H)].append(name)
         for group in shared.values():
             ws = {n: weight_matrix(hf.get_submodule(n)).detach().float() for n in group}
             H = moments[group[0]].float().to(next(iter(ws.values())).device)

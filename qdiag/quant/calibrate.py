@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.arch import resolve, unwrap, weight_matrix
-from .gptq import gptq
+from .gptq import gptq, release_graphs
 from .hqq import without_calibration
 from .plan import Plan
 from .quantize import QTensor
@@ -242,6 +242,7 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
                 if replay:
                     replay.batch = b
                 inputs[b] = _run_layer(layer, x, calls[b][li])
+    release_graphs()
     return tensors
 
 
@@ -330,37 +331,59 @@ def _quantize_group(hf: nn.Module, names: list[str], plan: Plan, H: torch.Tensor
 def input_moments(model: nn.Module, names: list[str], calib: torch.Tensor,
                   batch_size: int = 8) -> dict[str, torch.Tensor]:
     """``X^T X / n`` of each named module's input over the calibration tokens, from one pass of the
-    model as it runs (full precision unless quantized weights are applied). Holds one
-    ``(in, in)`` matrix per name: pass a few layers' names at a time for a large model."""
+    model as it runs (full precision unless quantized weights are applied). Modules that read the
+    same input tensor (q / k / v, gate / up) get the same moment object, computed once. Each pass
+    stops as soon as every named module has seen its input. Holds one ``(in, in)`` matrix per
+    distinct input: pass a few layers' names at a time for a large model."""
     if calib is None or calib.numel() == 0:
         raise ValueError("input moments need calibration token ids; pass qdiag.data.calibration_tokens(...)")
     hf = unwrap(model)
     H: dict[str, torch.Tensor] = {}
     count: dict[str, int] = defaultdict(int)
+    leader: dict[str, str] = {}  # a module -> the first module seen reading its input (itself if none)
+    seen: dict[int, str] = {}  # id of an input tensor of this batch -> the first module that read it
+    alive: list[torch.Tensor] = []  # this batch's inputs, held so that no id is reused within it
+    done: set[str] = set()  # the modules that have seen this batch
     hooks = []
     for name in names:
         def hook(mod, args, name=name):
-            _accumulate(H, count, name, args[0])
+            x = args[0]
+            if name not in leader:
+                leader[name] = seen.setdefault(id(x), name)
+                alive.append(x)
+            if leader[name] == name:
+                _accumulate(H, count, name, x)
+            done.add(name)
+            if len(done) == len(names):
+                raise _Stop
 
         hooks.append(hf.get_submodule(name).register_forward_pre_hook(hook))
     device = next(hf.parameters()).device
     try:
         for start in range(0, calib.shape[0], batch_size):
-            hf(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+            try:
+                hf(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+            seen.clear()
+            alive.clear()
+            done.clear()
     finally:
         for h in hooks:
             h.remove()
-    return {k: (v / count[k]).cpu() for k, v in H.items()}
+    moments = {k: (v / count[k]).cpu() for k, v in H.items()}
+    return {name: moments[leader[name]] for name in names}
 
 
 def moments_by_chunk(model: nn.Module, names_by_layer: list[list[str]], calib: torch.Tensor, batch_size: int = 8,
                      budget_bytes: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """``input_moments`` of every named matrix, a few layers at a time so that at most
-    ``budget_bytes`` of ``(in, in)`` moments are held (default: a quarter of the model's weight
-    bytes, at least 1 GiB); each chunk costs one calibration pass. Yields one dict per chunk."""
+    ``budget_bytes`` of ``(in, in)`` moments are held (default: a sixteenth of the model's weight
+    bytes, at least 1 GiB); each chunk costs one calibration pass, up to its last layer. Yields one
+    dict per chunk."""
     hf = unwrap(model)
     if budget_bytes is None:
-        budget_bytes = max(sum(p.numel() * p.element_size() for p in hf.parameters()) // 4, 2**30)
+        budget_bytes = max(sum(p.numel() * p.element_size() for p in hf.parameters()) // 16, 2**30)
     chunk: list[str] = []
     held = 0
     for names in names_by_layer:
