@@ -47,10 +47,9 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_
     nll, count = 0.0, 0
     for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(device)
-        logits = hf(input_ids=ids, use_cache=False).logits.float()
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum")
-        nll += loss.item()
+        logits = hf(input_ids=ids, use_cache=False).logits
+        for row in range(ids.shape[0]):  # in float32 one window at a time: a large vocabulary's logits are big
+            nll += nn.functional.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
 
@@ -59,7 +58,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_
 def reference_logprobs(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4,
                        budget: int = 2**31) -> list[torch.Tensor] | None:
     """The reference's next-token log-probabilities on the windows of ``text_windows``, one tensor
-    per batch of ``output_fidelity``, to compare every configuration with one reference pass; None
+    per batch of ``output_fidelity`` in host memory, to compare every configuration with one reference pass; None
     when they would take more than ``budget`` bytes (vocabulary x tokens x 4)."""
     hf = unwrap(model)
     windows = text_windows(model, tokens, window)
@@ -67,8 +66,14 @@ def reference_logprobs(model: nn.Module, tokens: torch.Tensor, window: int = 512
     if windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 > budget:
         return None
     device = next(hf.parameters()).device
-    return [torch.log_softmax(hf(input_ids=windows[s : s + batch_size].to(device), use_cache=False)
-                              .logits[:, :-1].float(), -1) for s in range(0, windows.shape[0], batch_size)]
+    return [_logprobs(hf(input_ids=windows[s : s + batch_size].to(device), use_cache=False).logits, "cpu")
+            for s in range(0, windows.shape[0], batch_size)]
+
+
+def _logprobs(logits: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 log-probabilities of every position but the last, one window at a time (the float32
+    copy of a large vocabulary's logits is the largest tensor here), on ``device`` (default: theirs)."""
+    return torch.stack([torch.log_softmax(row[:-1].float(), -1).to(device or row.device) for row in logits])
 
 
 @torch.no_grad()
@@ -91,22 +96,26 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int
     nll, count = 0.0, 0
     for start in range(0, n_windows, batch_size):
         ids = windows[start : start + batch_size].to(device)
-        # the positions that predict a scored token (see text_windows)
+        # the positions that predict a scored token (see text_windows); vocabulary-sized work one window at a time
         if reference is not None:
-            ref = reference[start // batch_size]
+            refs = reference[start // batch_size]
         else:
-            ref = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+            refs = hf(input_ids=ids, use_cache=False).logits
         if applied is None:  # the reference itself: one forward
-            q = ref
+            qs = refs
         else:
             with applied(model):
-                q = torch.log_softmax(hf(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
-        nll -= float(q.gather(-1, ids[:, 1:, None]).sum())
-        count += ids[:, 1:].numel()
-        p = ref.exp()
-        kl.append((p * (ref - q)).sum(-1).flatten().cpu())
-        kl_null.append((p * (ref + math.log(ref.shape[-1]))).sum(-1).flatten().cpu())
-        agree.append((ref.argmax(-1) == q.argmax(-1)).flatten().float().cpu())
+                qs = hf(input_ids=ids, use_cache=False).logits
+        for row in range(ids.shape[0]):
+            ref = refs[row].to(device) if reference is not None else _logprobs(refs[row : row + 1])[0]
+            q = ref if applied is None else _logprobs(qs[row : row + 1])[0]
+            target = ids[row, 1:]
+            nll -= float(q.gather(-1, target[:, None]).sum())
+            count += target.numel()
+            p = ref.exp()
+            kl.append((p * (ref - q)).sum(-1).cpu())
+            kl_null.append((p * (ref + math.log(ref.shape[-1]))).sum(-1).cpu())
+            agree.append((ref.argmax(-1) == q.argmax(-1)).float().cpu())
     kl, agree, kl_null = torch.cat(kl).numpy(), torch.cat(agree).numpy(), torch.cat(kl_null).numpy()
     kl_lo, kl_hi = bootstrap_ci(kl, seed=seed)
     a_lo, a_hi = bootstrap_ci(agree, seed=seed)
@@ -122,7 +131,7 @@ def scoring_code() -> tuple:
 
 def text_code() -> tuple:
     """The functions text scores (perplexity, output fidelity) depend on, for the store's keys."""
-    return (text_windows, bos_id, reference_logprobs, output_fidelity, bootstrap_ci)
+    return (text_windows, bos_id, reference_logprobs, _logprobs, output_fidelity, bootstrap_ci)
 
 
 def answer_token(tokenizer, obj: str) -> int:

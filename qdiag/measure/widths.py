@@ -174,7 +174,8 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, width: Width, window
                     seed: int = 0) -> dict:
     """``evaluate.output_fidelity`` of ``width`` against the reference (perplexity, KL, top-1
     agreement), kept in the run store when the width has a key. The reference's log-probabilities
-    on the text are computed once for a loop over configurations (held while they fit in 2 GiB)."""
+    on the text are computed once for a loop over configurations (held in host memory while they fit
+    in 2 GiB)."""
     reference = store.model_digest(model)
     code = store.code_digest(*ev.text_code())
     key = store.digest(reference, width.key, tokens, window, seed, code) if width.key else None
