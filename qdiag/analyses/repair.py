@@ -212,34 +212,46 @@ def _repair_width(model: nn.Module, ref: Reference, w: Width, choose: list[Fact]
             ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
         return {"ppl": ppl, **ev.subset_accuracy(scored, subset, seed)}
 
-    baselines: dict[int | None, dict] = {}
-
-    def baseline(bits: float) -> dict:
-        match, match_bits = matching_uniform(model, spec, bits)
-        if match.group_size not in baselines:
-            qw = plain if match == spec else quantize_model(model, uniform_plan(model, match), calib,
-                                                            progress=progress)
-            baselines[match.group_size] = {"baseline_group_size": match.group_size, "baseline_avg_bits": match_bits,
-                                           **{f"baseline_{k}": v for k, v in evaluate(qw).items()}}
-        return baselines[match.group_size]
-
     configs: list[tuple[str, dict, object]] = [("none", {}, None)]
     configs += [("protect_first", {"k": k}, protect_first(model, spec, k)) for k in protect_k]
     if kurtosis_thresholds:
         kt = kurtosis_table(model)
         configs += [("protect_kurtosis", {"threshold": t, "granularity": granularity},
                      protect_kurtosis(model, spec, t, granularity, table=kt)) for t in kurtosis_thresholds]
-    corrected = eora(model, plain, calib, eora_ranks) if eora_ranks else {}
     configs += [("eora", {"rank": r}, r) for r in eora_ranks]
+    bits_of = [avg_bits(model, plain_plan) if name == "none" else eora_avg_bits(model, plain_plan, what)
+               if name == "eora" else avg_bits(model, what) for name, _, what in configs]
+
+    # uniform quantization at the closest bits: the other group sizes first, quantized and scored one at
+    # a time while this width's own weights wait in host memory (one configuration on the GPU at a time)
+    matches = {m.group_size: (m, b) for m, b in (matching_uniform(model, spec, bits)
+                                                 for bits in [*bits_of, avg_bits(model, plain_plan)])}
+    baselines: dict[int | None, dict] = {}
+    with plain.parked() if any(m != spec for m, _ in matches.values()) else nullcontext():
+        for g, (match, match_bits) in matches.items():
+            if match != spec:
+                qw = quantize_model(model, uniform_plan(model, match), calib, progress=progress)
+                baselines[g] = {"baseline_group_size": g, "baseline_avg_bits": match_bits,
+                                **{f"baseline_{k}": v for k, v in evaluate(qw).items()}}
+                del qw
+
+    def baseline(bits: float) -> dict:
+        match, match_bits = matching_uniform(model, spec, bits)
+        if match.group_size not in baselines:  # the width itself
+            baselines[match.group_size] = {"baseline_group_size": match.group_size, "baseline_avg_bits": match_bits,
+                                           **{f"baseline_{k}": v for k, v in evaluate(plain).items()}}
+        return baselines[match.group_size]
+
+    corrected = eora(model, plain, calib, eora_ranks) if eora_ranks else {}
     rows = []
-    for name, params, what in tqdm(configs, desc=f"repairs {spec.method} {spec.bits}-bit", disable=not progress,
-                                   leave=False):
+    for (name, params, what), bits in tqdm(list(zip(configs, bits_of)), desc=f"repairs {spec.method} {spec.bits}-bit",
+                                           disable=not progress, leave=False):
         if name == "none":
-            qw, bits = plain, avg_bits(model, plain_plan)
+            qw = plain
         elif name == "eora":
-            qw, bits = corrected[what], eora_avg_bits(model, plain_plan, what)
+            qw = corrected[what]
         else:
-            qw, bits = requantize(model, plain, what), avg_bits(model, what)
+            qw = requantize(model, plain, what)
         rows.append({"repair": name, "params": params, "avg_bits": bits, **evaluate(qw), **baseline(bits)})
     # peak amplification: chosen on the held-out facts, scored on the others
     with plain.applied(model):

@@ -192,10 +192,17 @@ class QTensor:
         return q.to(torch.int16)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The de-quantized weight, (out, in), in ``dtype``."""
-        s = expand(self.scale, self.in_features, self.group_size)
-        z = expand(self.zero, self.in_features, self.group_size)
-        return dequantize(self.int_codes().float(), s, z).to(dtype)
+        """The de-quantized weight, (out, in), in ``dtype``: ``scale * (q - zero)`` per group, with the
+        group's parameters broadcast rather than expanded to the matrix's size (a swapped-in
+        weight is de-quantized at every forward, so its temporaries set the peak memory)."""
+        q = self.int_codes()
+        out, n = q.shape
+        g = n if self.group_size is None else self.group_size
+        G = self.scale.shape[1]
+        if G * g != n:  # a ragged last group: pad it to a full one, cut the padding off after
+            q = F.pad(q, (0, G * g - n))
+        w = q.view(out, G, g).float().sub_(self.zero.to(q.device)[..., None]).mul_(self.scale.to(q.device)[..., None])
+        return w.view(out, G * g)[:, :n].to(dtype)
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,7 @@ never written, so leaving the context restores them bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Iterator
@@ -45,6 +46,18 @@ class QuantizedWeights:
             t.numel() * t.element_size() for t in self.extras.values())
 
     @contextmanager
+    def parked(self, device: torch.device | str = "cpu") -> Iterator[QuantizedWeights]:
+        """Inside the block, these weights live on ``device`` (host memory by default), to free the
+        GPU for another configuration; where they were again after it. Objects that share this
+        one's tensors (a requantized or corrected copy) keep theirs: park before making them."""
+        home = {n: _device_of(t) for n, t in self.tensors.items()}
+        self.tensors = {n: _to(t, device) for n, t in self.tensors.items()}
+        try:
+            yield self
+        finally:
+            self.tensors = {n: _to(t, home[n]) if home[n] is not None else t for n, t in self.tensors.items()}
+
+    @contextmanager
     def applied(self, model: nn.Module, cache: bool = False) -> Iterator[nn.Module]:
         """Run ``model`` with these weights inside the block; full precision again after it.
 
@@ -67,6 +80,24 @@ class QuantizedWeights:
                 h.remove()
             for module, leaf, _ in swaps:
                 _restore(module, leaf)
+
+
+def _to(t, device):
+    """A quantized matrix (any dataclass of tensors, nested) with its tensors on ``device``."""
+    if isinstance(t, torch.Tensor):
+        return t.to(device)
+    if dataclasses.is_dataclass(t):
+        return dataclasses.replace(t, **{f.name: _to(getattr(t, f.name), device) for f in dataclasses.fields(t)
+                                         if f.init})
+    return t
+
+
+def _device_of(t) -> torch.device | None:
+    if isinstance(t, torch.Tensor):
+        return t.device
+    if dataclasses.is_dataclass(t):
+        return next((d for f in dataclasses.fields(t) if (d := _device_of(getattr(t, f.name))) is not None), None)
+    return None
 
 
 def _matrix(module: nn.Module, q: QTensor):
