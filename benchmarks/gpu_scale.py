@@ -9,6 +9,11 @@ the numbers are about cost, not about quantization. Run from the repository root
 
     python benchmarks/gpu_scale.py --random llama-8b [--out results.json]
     python benchmarks/gpu_scale.py --random llama-70b-48l --device-map auto --only "logit lens"
+
+``--sites N`` records PyTorch's allocation history during each analysis (its seconds then include the
+recording) and, for each whose peak is above ``--sites-above`` times the weight bytes, prints the N
+places that allocated the most of what was live at that peak (the innermost qdiag line of each
+allocation's Python stack): what to cut next.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
     ap.add_argument("--device-map", default=None, help="'auto', 'balanced' or 'sequential': shard over the GPUs")
     ap.add_argument("--max-memory", default=None, help="with --device-map: per card, e.g. '0=60GiB,1=60GiB'")
+    ap.add_argument("--sites", type=int, default=0, help="print this many allocation sites live at the peak")
+    ap.add_argument("--sites-above", type=float, default=1.5, help="for analyses whose peak / weights is above this")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -97,27 +104,72 @@ def main() -> None:
     }
     table = []
     used = [i for i in cards if on_card[i]]
-    print(f"{'analysis':<40} {'seconds':>8} {'peak / weights':>15}  peak GiB per card")
+    print(f"{'analysis':<40} {'seconds':>8} {'peak / weights':>15}  peak GiB per card  (GiB held before it)")
     for name, fn in runs.items():
         if args.only and not any(name.startswith(w) for w in args.only):
             continue
         for i in cards:
             torch.cuda.synchronize(i)
             torch.cuda.reset_peak_memory_stats(i)
+        held = [round(torch.cuda.memory_allocated(i) / 2**30, 1) for i in used]
         t0 = time.perf_counter()
-        fn()
+        sites = peak_sites(fn, args.sites) if args.sites else None
+        if sites is None:
+            fn()
         for i in cards:
             torch.cuda.synchronize(i)
         seconds = time.perf_counter() - t0
         peaks = {i: torch.cuda.max_memory_allocated(i) for i in used}
         ratio = max(peaks[i] / on_card[i] for i in used)  # the worst card, against the weights it holds
         table.append({"analysis": name, "seconds": round(seconds, 1), "peak_over_weights": round(ratio, 3),
-                      "peak_gib_per_card": [round(peaks[i] / 2**30, 1) for i in used]})
-        print(f"{name:<40} {seconds:>8.1f} {ratio:>15.3f}  {table[-1]['peak_gib_per_card']}", flush=True)
+                      "peak_gib_per_card": [round(peaks[i] / 2**30, 1) for i in used], "held_gib_before": held,
+                      "sites": sites})
+        print(f"{name:<40} {seconds:>8.1f} {ratio:>15.3f}  {table[-1]['peak_gib_per_card']}  ({held})", flush=True)
+    for row in table:
+        if row["sites"] and row["peak_over_weights"] > args.sites_above:
+            print(f"\n{row['analysis']}: memory allocated during it and live at its peak, by site", flush=True)
+            for site, size in row["sites"]:
+                print(f"  {size / 2**30:8.2f} GiB  {site}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"model": args.random, "dtype": args.dtype, "facts": len(facts),
                                         "device_map": args.device_map, "weight_bytes": weights,
                                         "weight_bytes_per_card": list(on_card.values()), "rows": table}, indent=2))
+
+
+def peak_sites(fn, n: int) -> list[tuple[str, int]]:
+    """Run ``fn`` with the allocation history recorded on the current card; the ``n`` sites that
+    allocated the most of what was live at the peak (of the memory allocated during ``fn``)."""
+    torch.cuda.memory._record_memory_history(max_entries=20_000_000, stacks="python")
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snap["device_traces"][torch.cuda.current_device()]
+
+    def replay(stop: int | None = None):
+        live, total, peak, at = {}, 0, 0, 0
+        for i, e in enumerate(events[:stop]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = e
+                total += e["size"]
+            elif e["action"] == "free_completed" and e["addr"] in live:
+                total -= live.pop(e["addr"])["size"]
+            if total > peak:
+                peak, at = total, i + 1
+        return live, at
+
+    live, _ = replay(replay()[1])
+    sites: dict[str, int] = {}
+    for e in live.values():
+        frames = e.get("frames") or []
+        ours = next((f for f in frames if "/qdiag/" in f["filename"]), None)
+        inner = frames[0] if frames else {"filename": "?", "line": 0, "name": "?"}
+        where = f"{ours['filename'].split('/qdiag/')[-1]}:{ours['line']} {ours['name']}" if ours else "outside qdiag"
+        site = f"{where}  <- {Path(inner['filename']).name}:{inner['line']} {inner['name']}"
+        sites[site] = sites.get(site, 0) + e["size"]
+    return sorted(sites.items(), key=lambda kv: -kv[1])[:n]
 
 
 def sharded(auto_model, config, dtype: torch.dtype, device_map: str, max_memory: dict | None):
