@@ -131,3 +131,22 @@ def test_gptq_replayed_as_cuda_graphs_gives_the_eager_codes(group, order):
         graph = gptq(w, H, spec, order=order, graphs=True)
         for part in ("codes", "scale", "zero"):
             assert torch.equal(getattr(eager, part), getattr(graph, part)), part
+
+
+def test_an_svd_the_gpu_fails_to_converge_is_computed_on_the_cpu(monkeypatch):
+    if DEVICE != "cuda":
+        pytest.skip("the fallback is for a GPU's solver")
+    from qdiag.quant import eora
+
+    real = torch.linalg.svd
+
+    def fails_on_gpu(M, full_matrices=True):
+        if M.is_cuda:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 20)")
+        return real(M, full_matrices=full_matrices)
+
+    M = torch.randn(20, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.linalg, "svd", fails_on_gpu)
+    U, S, Vh = eora.svd(M.cuda())
+    assert U.is_cuda and S.is_cuda and Vh.is_cuda
+    torch.testing.assert_close((U * S @ Vh).cpu(), M)

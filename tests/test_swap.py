@@ -59,3 +59,27 @@ def test_codes_are_smaller_than_weights(model):
 def test_gptq_without_calibration_raises(model):
     with pytest.raises(ValueError, match="calibration"):
         quantize_model(model, uniform_plan(model, QuantSpec(bits=4, group_size=32, method="gptq")))
+
+
+def test_parked_weights_come_back_as_they_were(model):
+    from qdiag.quant.eora import LowRank
+    from qdiag.quant.quantize import Scaled
+    from qdiag.quant.swap import device_of
+
+    qw = quantize_model(model, uniform_plan(model, QuantSpec(3, 16)))
+    a, b = sorted(qw.tensors)[1:3]  # one matrix AWQ-scaled, one with a low-rank correction: nested ones too
+    qw.tensors[a] = Scaled(qw.tensors[a], torch.linspace(0.5, 2.0, qw.tensors[a].in_features))
+    out_b, in_b = qw.tensors[b].dequantize().shape
+    qw.tensors[b] = LowRank(qw.tensors[b], torch.randn(out_b, 2), torch.randn(2, in_b))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    before = {n: t.dequantize() for n, t in qw.tensors.items()}
+    kinds = {n: type(t) for n, t in qw.tensors.items()}
+    with qw.applied(model):
+        out = model(input_ids=ids).logits
+    with qw.parked("cpu") as parked:
+        assert parked is qw and all(device_of(t) == torch.device("cpu") for t in qw.tensors.values())
+    assert {n: type(t) for n, t in qw.tensors.items()} == kinds
+    for n, t in qw.tensors.items():
+        assert torch.equal(t.dequantize(), before[n]), n
+    with qw.applied(model):
+        torch.testing.assert_close(model(input_ids=ids).logits, out, rtol=0, atol=0)

@@ -20,7 +20,7 @@ from .gptq import gptq, release_graphs
 from .hqq import without_calibration
 from .plan import Plan
 from .quantize import QTensor
-from .swap import QuantizedWeights
+from .swap import QuantizedWeights, device_of, to_device
 
 
 class _Stop(Exception):
@@ -216,6 +216,7 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
         return _layer_dtype(layer, calib_dtype) if calib_dtype is not None else nullcontext()
 
     tensors: dict[str, QTensor] = {}
+    home: dict[str, torch.device | None] = {}
     layer_bar = tqdm(range(arch.n_layers), desc="quantize layers", disable=not progress, leave=False)
     for li in layer_bar:
         layer = hf.get_submodule(arch.layers[li])
@@ -242,8 +243,12 @@ def sequential_quantize(model: nn.Module, plan: Plan, calib: torch.Tensor, *, da
                 if replay:
                     replay.batch = b
                 inputs[b] = _run_layer(layer, x, calls[b][li])
+        for n in names:  # a finished layer's codes wait in host memory: the GPU holds one layer's work
+            home[n] = device_of(tensors[n])
+            if home[n] is not None and home[n].type != "cpu":
+                tensors[n] = to_device(tensors[n], "cpu")
     release_graphs()
-    return tensors
+    return {n: to_device(t, home[n]) if home.get(n) is not None else t for n, t in tensors.items()}
 
 
 def _collect_hessians(layer: nn.Module, stage: list[str], names: dict[str, str], groups: list[list[str]],

@@ -85,7 +85,7 @@ def _weighted_svd(error: torch.Tensor, H: torch.Tensor, eps: float = 1e-6, root:
         gen = torch.Generator(device=projected.device).manual_seed(0)  # the same factors on every run
         Uu, S, Vh = _randomized_svd(projected, q, POWER_ITERATIONS, gen)
     else:
-        Uu, S, Vh = torch.linalg.svd(projected, full_matrices=False)
+        Uu, S, Vh = svd(projected)
     return Uu * S, torch.linalg.solve_triangular(M, Vh, upper=False, left=False)  # V^T M^-1
 
 
@@ -97,8 +97,19 @@ def _randomized_svd(M: torch.Tensor, q: int, iterations: int, gen: torch.Generat
     for _ in range(iterations):
         Qm = torch.linalg.qr(M.t() @ Qm).Q
         Qm = torch.linalg.qr(M @ Qm).Q
-    u, S, Vh = torch.linalg.svd(Qm.t() @ M, full_matrices=False)
+    u, S, Vh = svd(Qm.t() @ M)
     return Qm @ u, S, Vh
+
+
+def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of ``M``; where a GPU's solver fails to converge (cuSOLVER does on some
+    ill-conditioned matrices that LAPACK handles), computed on the CPU and moved back."""
+    try:
+        return torch.linalg.svd(M, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if M.device.type == "cpu":
+            raise
+        return tuple(t.to(M.device) for t in torch.linalg.svd(M.cpu(), full_matrices=False))
 
 
 def eora(model: nn.Module, qw: QuantizedWeights, calib: torch.Tensor | None, ranks: Sequence[int],

@@ -50,12 +50,12 @@ class QuantizedWeights:
         """Inside the block, these weights live on ``device`` (host memory by default), to free the
         GPU for another configuration; where they were again after it. Objects that share this
         one's tensors (a requantized or corrected copy) keep theirs: park before making them."""
-        home = {n: _device_of(t) for n, t in self.tensors.items()}
-        self.tensors = {n: _to(t, device) for n, t in self.tensors.items()}
+        home = {n: device_of(t) for n, t in self.tensors.items()}
+        self.tensors = {n: to_device(t, device) for n, t in self.tensors.items()}
         try:
             yield self
         finally:
-            self.tensors = {n: _to(t, home[n]) if home[n] is not None else t for n, t in self.tensors.items()}
+            self.tensors = {n: to_device(t, home[n]) if home[n] is not None else t for n, t in self.tensors.items()}
 
     @contextmanager
     def applied(self, model: nn.Module, cache: bool = False) -> Iterator[nn.Module]:
@@ -82,21 +82,22 @@ class QuantizedWeights:
                 _restore(module, leaf)
 
 
-def _to(t, device):
+def to_device(t, device: torch.device | str):
     """A quantized matrix (any dataclass of tensors, nested) with its tensors on ``device``."""
     if isinstance(t, torch.Tensor):
         return t.to(device)
     if dataclasses.is_dataclass(t):
-        return dataclasses.replace(t, **{f.name: _to(getattr(t, f.name), device) for f in dataclasses.fields(t)
+        return dataclasses.replace(t, **{f.name: to_device(getattr(t, f.name), device) for f in dataclasses.fields(t)
                                          if f.init})
     return t
 
 
-def _device_of(t) -> torch.device | None:
+def device_of(t) -> torch.device | None:
+    """The device of a quantized matrix's (first) tensor; None when it holds none."""
     if isinstance(t, torch.Tensor):
         return t.device
     if dataclasses.is_dataclass(t):
-        return next((d for f in dataclasses.fields(t) if (d := _device_of(getattr(t, f.name))) is not None), None)
+        return next((d for f in dataclasses.fields(t) if (d := device_of(getattr(t, f.name))) is not None), None)
     return None
 
 
