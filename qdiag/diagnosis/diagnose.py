@@ -22,6 +22,7 @@ from ..core.arch import resolve
 from ..core.data import Fact
 from ..core.io import atomic_write_bytes, records, save_analysis
 from ..measure.widths import Width, check_configs, each_width, output_fidelity
+from ..quant import remedy
 from ..quant.eora import eora, eora_avg_bits
 from ..quant.plan import avg_bits
 from ..quant.quantize import QuantSpec
@@ -143,21 +144,34 @@ def _judge(m: dict, fidelity: dict | None, w: Width, n_layers: int, seed: int) -
 
 
 def _remedies(model: nn.Module, w: Width, entry: dict, calib: torch.Tensor | None) -> list[Width]:
-    """The suggested weight repairs of a quantized configuration, applied: one ``Width`` each (not
-    yet for an existing checkpoint, whose repairs are suggested only)."""
-    if w.weights is None or w.plan is None:
+    """The suggested weight repairs of a quantized configuration, applied: one ``Width`` each. An
+    existing checkpoint gets them through ``quant.remedy`` (protected layers re-exported from the
+    base in the checkpoint's family, EoRA against the base); one that changed parameters outside its
+    matrices gets none (the report says why)."""
+    if w.weights is None or (w.plan is None and w.checkpoint is None):
+        return []
+    if w.checkpoint is not None and w.checkpoint.changed and entry["remedy"]["actions"]:
+        entry["remedy"]["text"] += (" Not applied here: this checkpoint changes parameters outside its quantized "
+                                    "matrices (folded scales), so its matrices cannot be repaired against the base.")
         return []
     out = []
     for action in entry["remedy"]["actions"]:
         if action["repair"] == "protect_layers" and action["layers"]:
-            arch = resolve(model)
-            high = w.spec.at_bits(action["bits"])
-            plan = {**w.plan, **{n: high for n in arch.linear_names(action["layers"])}}
-            qw = requantize(model, w.weights, plan)
-            out.append(Width(f"{w.method}+protect", w.bits, w.group_size, w.sym, avg_bits(model, plan), w.seconds,
+            if w.checkpoint is not None:
+                qw, bits = remedy.protect(model, w.checkpoint, action["layers"], action["bits"])
+                plan = None
+            else:
+                arch = resolve(model)
+                high = w.spec.at_bits(action["bits"])
+                plan = {**w.plan, **{n: high for n in arch.linear_names(action["layers"])}}
+                qw, bits = requantize(model, w.weights, plan), avg_bits(model, plan)
+            out.append(Width(f"{w.method}+protect", w.bits, w.group_size, w.sym, bits, w.seconds,
                              apply=qw.applied, weights=qw, plan=plan))
         elif action["repair"] == "eora" and calib is not None:
-            qw = eora(model, w.weights, calib, [action["rank"]])[action["rank"]]
-            out.append(Width(f"{w.method}+eora", w.bits, w.group_size, w.sym,
-                             eora_avg_bits(model, w.plan, action["rank"]), w.seconds, apply=qw.applied))
+            if w.checkpoint is not None:
+                qw, bits = remedy.correct(model, w.checkpoint, calib, action["rank"])
+            else:
+                qw = eora(model, w.weights, calib, [action["rank"]])[action["rank"]]
+                bits = eora_avg_bits(model, w.plan, action["rank"])
+            out.append(Width(f"{w.method}+eora", w.bits, w.group_size, w.sym, bits, w.seconds, apply=qw.applied))
     return out

@@ -1,0 +1,82 @@
+"""Repairs applied to an existing checkpoint: protected layers are the base re-exported at a higher
+width in the checkpoint's family, EoRA brings the matrices back towards the base, the bits are the
+checkpoint's storage plus what the repair adds, and a checkpoint with folded scales is refused."""
+
+import pytest
+import torch
+
+from qdiag.core.arch import resolve, unwrap, weight_matrix
+from qdiag.core.models import wrap
+from qdiag.diagnosis.diagnose import _remedies
+from qdiag.measure.widths import checkpoint_width
+from qdiag.quant import checkpoint, remedy
+from qdiag.quant.quantize import QuantSpec, rtn
+from qdiag.testing import calib_ids, tiny_model, tiny_tokenizer, write_gguf
+
+
+@pytest.fixture
+def base_and_file(tmp_path):
+    hf, tok = tiny_model("llama"), tiny_tokenizer()
+    return wrap(hf, tok), write_gguf(hf, tok, tmp_path / "m.gguf", "Q4_0")
+
+
+def test_protected_layers_are_the_base_at_q8_0_and_cost_what_the_arithmetic_says(base_and_file):
+    lm, path = base_and_file
+    ckpt = checkpoint.read(lm, path)
+    arch, hf = resolve(lm), unwrap(lm)
+    qw, bits = remedy.protect(lm, ckpt, [0], 8)
+    first, rest = arch.linear_names([0]), arch.linear_names([1])
+    for n in first:
+        w = weight_matrix(hf.get_submodule(n)).detach()
+        assert torch.equal(qw.tensors[n].dequantize(), rtn(w, QuantSpec.gguf("q8_0")).dequantize()), n
+    assert all(qw.tensors[n] is ckpt.weights.tensors[n] for n in rest)
+    n_first = sum(weight_matrix(hf.get_submodule(n)).numel() for n in first)
+    n_rest = sum(weight_matrix(hf.get_submodule(n)).numel() for n in rest)
+    assert bits == pytest.approx((8.5 * n_first + 4.5 * n_rest) / (n_first + n_rest))  # Q8_0 and Q4_0 by definition
+
+
+def test_eora_on_a_checkpoint_at_full_rank_gives_back_the_base(base_and_file):
+    lm, path = base_and_file
+    hf = unwrap(lm)
+    ckpt = checkpoint.read(lm, path)
+    calib = calib_ids(n=8, length=32)
+    qw, bits = remedy.correct(lm, ckpt, calib, rank=4)
+    full, _ = remedy.correct(lm, ckpt, calib, rank=256)
+    total = extra = 0
+    for n, q in ckpt.weights.tensors.items():
+        w = weight_matrix(hf.get_submodule(n)).detach().float()
+        before, after = (w - q.dequantize()).norm(), (w - qw.tensors[n].dequantize()).norm()
+        assert after < before, n
+        torch.testing.assert_close(full.tensors[n].dequantize(), w, rtol=0, atol=1e-4)
+        out, cols = w.shape
+        total += out * cols
+        extra += 16 * 4 * (out + cols)
+    assert bits == pytest.approx(4.5 + extra / total)
+
+
+def test_a_checkpoint_with_folded_scales_is_not_repaired(tmp_path):
+    hf, tok = tiny_model("llama"), tiny_tokenizer()
+    lm = wrap(hf, tok)
+    ckpt = checkpoint.read(lm, write_gguf(hf, tok, tmp_path / "awq-like.gguf", "Q4_0", norm_scale=2.0))
+    assert ckpt.changed
+    with pytest.raises(ValueError, match="outside its quantized matrices"):
+        remedy.protect(lm, ckpt, [0])
+    entry = {"remedy": {"actions": [{"repair": "eora", "rank": 4}], "text": "Try EoRA."}}
+    w = checkpoint_width(lm, str(tmp_path / "awq-like.gguf"))
+    assert _remedies(lm, w, entry, calib_ids()) == [] and "Not applied" in entry["remedy"]["text"]
+
+
+def test_the_diagnosis_applies_its_suggested_repairs_to_a_checkpoint(base_and_file):
+    lm, path = base_and_file
+    w = checkpoint_width(lm, str(path))
+    entry = {"remedy": {"actions": [{"repair": "protect_layers", "layers": [1], "bits": 8},
+                                    {"repair": "eora", "rank": 2}], "text": ""}}
+    repaired = _remedies(lm, w, entry, calib_ids())
+    assert [r.method for r in repaired] == ["gguf-Q4_0+protect", "gguf-Q4_0+eora"]
+    assert all(r.avg_bits > w.avg_bits for r in repaired)
+    ids = torch.tensor([[3, 7, 11, 2]])
+    with w.applied(lm):
+        plain = lm(input_ids=ids).logits
+    for r in repaired:
+        with r.applied(lm):
+            assert not torch.equal(lm(input_ids=ids).logits, plain)  # each repair changes the model
