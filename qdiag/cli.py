@@ -256,13 +256,6 @@ def _configs(args: argparse.Namespace, exp, quantized: bool = False) -> list:
     return quantized_only(configs) if quantized else configs
 
 
-def _refuse_checkpoints(args: argparse.Namespace, command: str) -> None:
-    if args.quantized:
-        raise ValueError(f"{command} re-quantizes parts of the model with qdiag's own quantizers and cannot take an "
-                         "existing checkpoint yet; run cliff, lens, causal, components, representations, sensitivity "
-                         "or diagnose with --quantized")
-
-
 def cmd_cliff(args: argparse.Namespace) -> None:
     from .analyses.cliff import run_cliff, save_cliff
 
@@ -354,7 +347,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> None:
-    _refuse_checkpoints(args, "repair")
     from .analyses.repair import check, run_repair, save_repair
     from .measure.amplify import ALPHAS
 
@@ -366,9 +358,9 @@ def cmd_repair(args: argparse.Namespace) -> None:
                      args.kurtosis, args.granularity, args.eora_ranks, args.alphas or ALPHAS, args.inject_layer,
                      args.held_out, args.seed, progress=not args.quiet)
     save_repair(res, args.out, meta(args, **_facts(exp)), title=args.model)
-    print(res.rows[["method", "bits", "repair", "params", "avg_bits", "failure_acc", "robust_acc", "ppl",
-                    "baseline_avg_bits", "baseline_failure_acc", "baseline_robust_acc", "baseline_ppl"]]
-          .round(3).to_string(index=False))
+    shown = ["method", "bits", "repair", "params", "avg_bits", "failure_acc", "robust_acc", "ppl",
+             "baseline_avg_bits", "baseline_failure_acc", "baseline_robust_acc", "baseline_ppl"]
+    print(res.rows[[c for c in shown if c in res.rows]].round(3).to_string(index=False))
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:

@@ -236,9 +236,17 @@ def test_cliff_and_diagnose_take_an_existing_checkpoint(tmp_path):
     doc = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
     assert [(c["method"], c["avg_bits"]) for c in doc["configurations"]] == [("gguf-Q4_0", 4.5)]
     assert "m.Q4_0.gguf: decoder matrices in Q4_0 100%" in (tmp_path / "diag" / "diagnosis.md").read_text()
+    assert main(["repair", *common, "--protect-k", "1", "--eora-ranks", "2", "--calib-samples", "4",
+                 "--calib-len", "16", "--out", str(tmp_path / "repair")]) == 0
+    rows = pd.DataFrame(json.loads((tmp_path / "repair" / "repair.json").read_text())["rows"])
+    assert rows.method.unique().tolist() == ["gguf-Q4_0"]
+    assert rows.repair.tolist() == ["none", "protect_first", "eora", "amplify"]
+    assert rows.set_index("repair").avg_bits["none"] == 4.5
+    assert (rows.set_index("repair").avg_bits[["protect_first", "eora"]] > 4.5).all()
+    assert rows.beats_uniform.isna().all()  # no uniform quantization of the checkpoint's kind to set it beside
 
 
-@pytest.mark.parametrize(("command", "message"), [("repair", "cannot take an existing checkpoint"),
+@pytest.mark.parametrize(("command", "message"), [("repair", "m.gguf is not a GGUF file"),
                                                   ("cliff", "no checkpoint at")])
 def test_checkpoints_refused_before_any_work(local_model, tmp_path, data_dir, capsys, command, message):
     ckpt = tmp_path / "m.gguf"

@@ -24,8 +24,8 @@ def test_protected_layers_are_the_base_at_q8_0_and_cost_what_the_arithmetic_says
     lm, path = base_and_file
     ckpt = checkpoint.read(lm, path)
     arch, hf = resolve(lm), unwrap(lm)
-    qw, bits = remedy.protect(lm, ckpt, [0], 8)
     first, rest = arch.linear_names([0]), arch.linear_names([1])
+    qw, bits = remedy.protect(lm, ckpt, first, 8)
     for n in first:
         w = weight_matrix(hf.get_submodule(n)).detach()
         assert torch.equal(qw.tensors[n].dequantize(), rtn(w, QuantSpec.gguf("q8_0")).dequantize()), n
@@ -40,8 +40,8 @@ def test_eora_on_a_checkpoint_at_full_rank_gives_back_the_base(base_and_file):
     hf = unwrap(lm)
     ckpt = checkpoint.read(lm, path)
     calib = calib_ids(n=8, length=32)
-    qw, bits = remedy.correct(lm, ckpt, calib, rank=4)
-    full, _ = remedy.correct(lm, ckpt, calib, rank=256)
+    corrected = remedy.correct(lm, ckpt, calib, [4, 256])
+    (qw, bits), (full, _) = corrected[4], corrected[256]
     total = extra = 0
     for n, q in ckpt.weights.tensors.items():
         w = weight_matrix(hf.get_submodule(n)).detach().float()
@@ -60,7 +60,7 @@ def test_a_checkpoint_with_folded_scales_is_not_repaired(tmp_path):
     ckpt = checkpoint.read(lm, write_gguf(hf, tok, tmp_path / "awq-like.gguf", "Q4_0", norm_scale=2.0))
     assert ckpt.changed
     with pytest.raises(ValueError, match="outside its quantized matrices"):
-        remedy.protect(lm, ckpt, [0])
+        remedy.protect(lm, ckpt, resolve(lm).linear_names([0]))
     entry = {"remedy": {"actions": [{"repair": "eora", "rank": 4}], "text": "Try EoRA."}}
     w = checkpoint_width(lm, str(tmp_path / "awq-like.gguf"))
     assert _remedies(lm, w, entry, calib_ids()) == [] and "Not applied" in entry["remedy"]["text"]

@@ -33,6 +33,7 @@ from ..measure.amplify import ALPHAS, amplification_grid, choose_amplification
 from ..measure.patch import Edit, Rerun
 from ..measure.trace import collect
 from ..measure.widths import Reference, Width, check_configs, each_width, quantized_only
+from ..quant import remedy
 from ..quant.eora import eora, eora_avg_bits
 from ..quant.plan import Plan, avg_bits, uniform_plan
 from ..quant.quantize import QuantSpec
@@ -191,9 +192,8 @@ def _repair_width(model: nn.Module, ref: Reference, w: Width, choose: list[Fact]
                   eora_ranks: Sequence[int], alphas: Sequence[float], inject_layer: int | None, seed: int,
                   progress: bool) -> tuple[pd.DataFrame, dict]:
     tok = model.tokenizer
-    spec = w.spec
     score_ids = {f.id for f in score}
-    plain_plan, plain = w.plan, w.weights
+    plain = w.weights
     right = ref.reference_right(ref.score(model, w))
     subset = right[["fact", "template", "subset"]]
     right = right.drop(columns="subset")
@@ -212,6 +212,47 @@ def _repair_width(model: nn.Module, ref: Reference, w: Width, choose: list[Fact]
             ppl = ev.perplexity(model, ppl_tokens, ppl_window) if ppl_tokens is not None else float("nan")
         return {"ppl": ppl, **ev.subset_accuracy(scored, subset, seed)}
 
+    if w.checkpoint is None:
+        rows, plain_bits, baseline = _repaired_quantization(model, w, evaluate, calib, protect_k, kurtosis_thresholds,
+                                                            granularity, eora_ranks, progress)
+    else:
+        rows, plain_bits = _repaired_checkpoint(model, w, evaluate, calib, protect_k, kurtosis_thresholds,
+                                                granularity, eora_ranks, progress)
+        baseline = _no_baseline  # qdiag has no quantizer of the checkpoint's own kind to compare with
+    # peak amplification: chosen on the held-out facts, scored on the others
+    with plain.applied(model):
+        grid = amplification_grid(model, right[~right.fact.isin(score_ids)], alphas=alphas)
+    choice = choose_amplification(grid, [f.id for f in choose])
+    rows.append({"repair": "amplify", "params": {k: choice[k] for k in ("rule", "layer", "alpha")},
+                 "avg_bits": plain_bits, **evaluate(plain, amplify=choice), **baseline(plain_bits)})
+    if inject_layer is not None:
+        rows.append({"repair": "inject", "params": {"layer": inject_layer}, "avg_bits": float("nan"),
+                     **_injection_accuracy(model, plain, scored_right, subset, inject_layer, seed)})
+    out = pd.DataFrame(rows)
+    # "beats uniform": more Failure prompts right than uniform at the closest bits, and no fewer Robust ones
+    if "baseline_failure_acc" in out:
+        beats = (out.failure_acc > out.baseline_failure_acc) & (out.robust_acc >= out.baseline_robust_acc)
+        out["beats_uniform"] = beats.astype(object)
+        out.loc[out.repair.isin(["none", "inject"]), "beats_uniform"] = None
+    else:  # an existing checkpoint: no uniform quantization of its kind to compare with
+        out["beats_uniform"] = None
+    out.insert(0, "bits", w.bits)
+    out.insert(0, "method", w.method)
+    out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in p.items()))
+    return out, choice
+
+
+def _no_baseline(bits: float) -> dict:
+    return {}
+
+
+def _repaired_quantization(model: nn.Module, w: Width, evaluate, calib: torch.Tensor | None,
+                           protect_k: Sequence[int], kurtosis_thresholds: Sequence[float], granularity: str,
+                           eora_ranks: Sequence[int], progress: bool):
+    """The repairs of one of qdiag's own quantizations, each beside uniform quantization at the
+    closest bits: the rows, the width's own bits and the baseline lookup (for amplification)."""
+    spec, plain_plan, plain = w.spec, w.plan, w.weights
     configs: list[tuple[str, dict, object]] = [("none", {}, None)]
     configs += [("protect_first", {"k": k}, protect_first(model, spec, k)) for k in protect_k]
     if kurtosis_thresholds:
@@ -219,13 +260,14 @@ def _repair_width(model: nn.Module, ref: Reference, w: Width, choose: list[Fact]
         configs += [("protect_kurtosis", {"threshold": t, "granularity": granularity},
                      protect_kurtosis(model, spec, t, granularity, table=kt)) for t in kurtosis_thresholds]
     configs += [("eora", {"rank": r}, r) for r in eora_ranks]
-    bits_of = [avg_bits(model, plain_plan) if name == "none" else eora_avg_bits(model, plain_plan, what)
+    plain_bits = avg_bits(model, plain_plan)
+    bits_of = [plain_bits if name == "none" else eora_avg_bits(model, plain_plan, what)
                if name == "eora" else avg_bits(model, what) for name, _, what in configs]
 
     # uniform quantization at the closest bits: the other group sizes first, quantized and scored one at
     # a time while this width's own weights wait in host memory (one configuration on the GPU at a time)
-    matches = {m.group_size: (m, b) for m, b in (matching_uniform(model, spec, bits)
-                                                 for bits in [*bits_of, avg_bits(model, plain_plan)])}
+    matches = {m.group_size: (m, b)
+               for m, b in (matching_uniform(model, spec, bits) for bits in [*bits_of, plain_bits])}
     baselines: dict[int | None, dict] = {}
     with plain.parked() if any(m != spec for m, _ in matches.values()) else nullcontext():
         for g, (match, match_bits) in matches.items():
@@ -246,33 +288,34 @@ def _repair_width(model: nn.Module, ref: Reference, w: Width, choose: list[Fact]
     rows = []
     for (name, params, what), bits in tqdm(list(zip(configs, bits_of)), desc=f"repairs {spec.method} {spec.bits}-bit",
                                            disable=not progress, leave=False):
-        if name == "none":
-            qw = plain
-        elif name == "eora":
-            qw = corrected[what]
-        else:
-            qw = requantize(model, plain, what)
+        qw = plain if name == "none" else corrected[what] if name == "eora" else requantize(model, plain, what)
         rows.append({"repair": name, "params": params, "avg_bits": bits, **evaluate(qw), **baseline(bits)})
-    # peak amplification: chosen on the held-out facts, scored on the others
-    with plain.applied(model):
-        grid = amplification_grid(model, right[~right.fact.isin(score_ids)], alphas=alphas)
-    choice = choose_amplification(grid, [f.id for f in choose])
-    bits = avg_bits(model, plain_plan)
-    rows.append({"repair": "amplify", "params": {k: choice[k] for k in ("rule", "layer", "alpha")}, "avg_bits": bits,
-                 **evaluate(plain, amplify=choice), **baseline(bits)})
-    if inject_layer is not None:
-        rows.append({"repair": "inject", "params": {"layer": inject_layer}, "avg_bits": float("nan"),
-                     **_injection_accuracy(model, plain, scored_right, subset, inject_layer, seed)})
-    out = pd.DataFrame(rows)
-    # "beats uniform": more Failure prompts right than uniform at the closest bits, and no fewer Robust ones
-    beats = (out.failure_acc > out.baseline_failure_acc) & (out.robust_acc >= out.baseline_robust_acc)
-    out["beats_uniform"] = beats.astype(object)
-    out.loc[out.repair.isin(["none", "inject"]), "beats_uniform"] = None
-    out.insert(0, "bits", spec.bits)
-    out.insert(0, "method", spec.method)
-    out["params"] = out.params.map(lambda p: ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                       for k, v in p.items()))
-    return out, choice
+    return rows, plain_bits, baseline
+
+
+def _repaired_checkpoint(model: nn.Module, w: Width, evaluate, calib: torch.Tensor | None, protect_k: Sequence[int],
+                         kurtosis_thresholds: Sequence[float], granularity: str, eora_ranks: Sequence[int],
+                         progress: bool):
+    """The same repairs of an existing checkpoint (``quant.remedy``): protected matrices re-exported
+    from the base at 8 bits in its family, EoRA against the base; no uniform baseline (qdiag has
+    no quantizer of the checkpoint's own to compare with). The rows and the checkpoint's bits."""
+    ckpt, arch = w.checkpoint, resolve(model)
+    remedy.check(ckpt)
+    configs: list[tuple[str, dict, object]] = [("none", {}, None)]
+    configs += [("protect_first", {"k": k}, arch.linear_names(list(range(k)))) for k in protect_k]
+    if kurtosis_thresholds:
+        kt = kurtosis_table(model)
+        column = {"matrix": "kurtosis", "channel": "max_channel_kurtosis"}[granularity]
+        configs += [("protect_kurtosis", {"threshold": t, "granularity": granularity},
+                     kt.module[kt[column] > t].tolist()) for t in kurtosis_thresholds]
+    corrected = remedy.correct(model, ckpt, calib, eora_ranks) if eora_ranks else {}
+    configs += [("eora", {"rank": r}, r) for r in eora_ranks]
+    rows = []
+    for name, params, what in tqdm(configs, desc=f"repairs {w.method}", disable=not progress, leave=False):
+        qw, bits = (w.weights, w.avg_bits) if name == "none" else corrected[what] if name == "eora" else \
+            remedy.protect(model, ckpt, what)
+        rows.append({"repair": name, "params": params, "avg_bits": bits, **evaluate(qw)})
+    return rows, w.avg_bits
 
 
 def _injection_accuracy(model: nn.Module, qw: QuantizedWeights, prompts: pd.DataFrame, subset: pd.DataFrame,

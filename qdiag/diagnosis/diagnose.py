@@ -158,7 +158,8 @@ def _remedies(model: nn.Module, w: Width, entry: dict, calib: torch.Tensor | Non
     for action in entry["remedy"]["actions"]:
         if action["repair"] == "protect_layers" and action["layers"]:
             if w.checkpoint is not None:
-                qw, bits = remedy.protect(model, w.checkpoint, action["layers"], action["bits"])
+                names = resolve(model).linear_names(action["layers"])
+                qw, bits = remedy.protect(model, w.checkpoint, names, action["bits"])
                 plan = None
             else:
                 arch = resolve(model)
@@ -169,7 +170,7 @@ def _remedies(model: nn.Module, w: Width, entry: dict, calib: torch.Tensor | Non
                              apply=qw.applied, weights=qw, plan=plan))
         elif action["repair"] == "eora" and calib is not None:
             if w.checkpoint is not None:
-                qw, bits = remedy.correct(model, w.checkpoint, calib, action["rank"])
+                qw, bits = remedy.correct(model, w.checkpoint, calib, [action["rank"]])[action["rank"]]
             else:
                 qw = eora(model, w.weights, calib, [action["rank"]])[action["rank"]]
                 bits = eora_avg_bits(model, w.plan, action["rank"])

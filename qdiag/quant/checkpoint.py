@@ -134,7 +134,11 @@ def read(model: nn.Module, path: str | os.PathLike, progress: bool = False) -> C
                          "quantization_config (a GPTQ, AWQ or compressed-tensors checkpoint)")
     if path.is_dir():
         return _read_packed(model, path, progress)
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a GGUF file qdiag can read ({e}); pass a GGUF file written by llama.cpp "
+                         "or the gguf package, or a GPTQ / AWQ / compressed-tensors folder") from e
     hf = unwrap(model)
     processor, mapping = _mapping(hf, reader)
     _check_base(hf, model.tokenizer, reader)

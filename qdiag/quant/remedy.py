@@ -15,6 +15,8 @@ base means what it should; that is refused, saying why.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -26,15 +28,15 @@ from .quantize import QuantSpec, bits_per_weight
 from .swap import QuantizedWeights
 
 
-def protect(model: nn.Module, ckpt: Checkpoint, layers: list[int], bits: int = 8) -> tuple[QuantizedWeights, float]:
-    """The checkpoint with layers ``layers`` at ``bits`` (see the module's note), and its average bits."""
-    _check(ckpt)
+def protect(model: nn.Module, ckpt: Checkpoint, names: Sequence[str], bits: int = 8) -> tuple[QuantizedWeights, float]:
+    """The checkpoint with the matrices ``names`` at ``bits`` (see the module's note), and its average bits."""
+    check(ckpt)
     spec = QuantSpec.gguf("q8_0" if bits == 8 else f"q{bits}_0") if ckpt.format == "gguf" else \
         QuantSpec(bits, ckpt.group_size, True, "rtn")
     hf = unwrap(model)
     tensors = dict(ckpt.weights.tensors)
     high = {}
-    for name in resolve(model).linear_names(list(layers)):
+    for name in names:
         if name in tensors:
             w = weight_matrix(hf.get_submodule(name)).detach()
             tensors[name] = without_calibration(w, spec)
@@ -42,10 +44,12 @@ def protect(model: nn.Module, ckpt: Checkpoint, layers: list[int], bits: int = 8
     return QuantizedWeights({}, tensors, extras=ckpt.weights.extras), storage_bits(model, ckpt, high)
 
 
-def correct(model: nn.Module, ckpt: Checkpoint, calib: torch.Tensor, rank: int) -> tuple[QuantizedWeights, float]:
-    """The checkpoint with every matrix corrected by a rank-``rank`` EoRA term, and its average bits."""
-    _check(ckpt)
-    return eora(model, ckpt.weights, calib, [rank])[rank], storage_bits(model, ckpt, rank=rank)
+def correct(model: nn.Module, ckpt: Checkpoint, calib: torch.Tensor,
+            ranks: Sequence[int]) -> dict[int, tuple[QuantizedWeights, float]]:
+    """For each rank r, the checkpoint with every matrix corrected by a rank-r EoRA term, and its
+    average bits (one calibration pass and one factorization per matrix serve every rank)."""
+    check(ckpt)
+    return {r: (qw, storage_bits(model, ckpt, rank=r)) for r, qw in eora(model, ckpt.weights, calib, ranks).items()}
 
 
 def storage_bits(model: nn.Module, ckpt: Checkpoint, high: dict[str, float] | None = None, rank: int = 0) -> float:
@@ -65,7 +69,8 @@ def storage_bits(model: nn.Module, ckpt: Checkpoint, high: dict[str, float] | No
     return total_bits / total
 
 
-def _check(ckpt: Checkpoint) -> None:
+def check(ckpt: Checkpoint) -> None:
+    """Raise when the checkpoint cannot be repaired against its base (see the module's note)."""
     if ckpt.changed:
         raise ValueError(f"{ckpt.path} changes {len(ckpt.changed)} parameters outside its quantized matrices "
                          f"({', '.join(ckpt.changed[:3])}{', ...' if len(ckpt.changed) > 3 else ''}), as AWQ's folded "

@@ -457,10 +457,13 @@ def pareto_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
             ax.errorbar(r.avg_bits, r[f"{name}_acc"], yerr=[[r[f"{name}_acc"] - r[f"{name}_acc_lo"]],
                         [r[f"{name}_acc_hi"] - r[f"{name}_acc"]]], fmt="o", capsize=2, color=palette[r.repair],
                         label=label)
-            ax.plot([r.avg_bits, r.baseline_avg_bits], [r[f"{name}_acc"], r[f"baseline_{name}_acc"]], ":",
-                    color="0.6", lw=1)
-        base = d.drop_duplicates("baseline_group_size")
-        ax.plot(base.baseline_avg_bits, base[f"baseline_{name}_acc"], "s", color="0.4", label="uniform, closest bits")
+            if "baseline_avg_bits" in r and pd.notna(r.baseline_avg_bits):  # none for an existing checkpoint
+                ax.plot([r.avg_bits, r.baseline_avg_bits], [r[f"{name}_acc"], r[f"baseline_{name}_acc"]], ":",
+                        color="0.6", lw=1)
+        if "baseline_avg_bits" in d:
+            base = d[d.baseline_avg_bits.notna()].drop_duplicates(["method", "bits", "baseline_group_size"])
+            ax.plot(base.baseline_avg_bits, base[f"baseline_{name}_acc"], "s", color="0.4",
+                    label="uniform, closest bits")
         ax.set_xlabel("average bits per weight")
         ax.set_ylabel(f"{name} subset: share right")
         ax.set_ylim(-0.05, 1.05)
