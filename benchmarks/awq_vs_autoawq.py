@@ -86,6 +86,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 model.quantize(tok, quant_config=config, calib_data=texts, max_calib_samples=len(texts),
                                max_calib_seq_len=args.calib_len, export_compatible=True)
+                # scales and clipping applied in float, nothing rounded yet: a scale is undone by the
+                # operation it is folded into, so this should stay near the reference (clipping aside)
+                scaled = ev.perplexity(model.model.eval(), tokens)
+                print(f"AutoAWQ     w{bits}: ppl with its scales and clipping applied, before rounding {scaled:.3f}",
+                      flush=True)
                 for name in names:
                     lin = model.model.get_submodule(name)
                     lin.weight.data = model.quantizer.pseudo_quantize_tensor(lin.weight.data)[0]

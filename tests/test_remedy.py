@@ -80,3 +80,21 @@ def test_the_diagnosis_applies_its_suggested_repairs_to_a_checkpoint(base_and_fi
     for r in repaired:
         with r.applied(lm):
             assert not torch.equal(lm(input_ids=ids).logits, plain)  # each repair changes the model
+
+
+def test_a_diagnosis_with_try_remedy_diagnoses_the_repaired_checkpoint(tmp_path, monkeypatch):
+    """End to end: a suggested protection and EoRA applied to a GGUF file, each diagnosed as a remedy
+    of it (the rule is made to suggest both: a tiny model's Q4_0 file is intact)."""
+    from qdiag.diagnosis import diagnose, rule
+    from qdiag.testing import knowing_model
+
+    hf, tok, facts = knowing_model(layers=4, many=True)
+    lm = wrap(hf, tok)
+    w = checkpoint_width(lm, str(write_gguf(hf, tok, tmp_path / "m.gguf", "Q4_0")))
+    actions = [{"repair": "protect_layers", "layers": [0], "bits": 8}, {"repair": "eora", "rank": 2}]
+    monkeypatch.setattr(rule, "remedy", lambda *a, **k: {"actions": actions, "text": "forced"})
+    diag = diagnose(lm, facts, [w], calib_ids(n=4, length=16), try_remedy=True, causal=False, progress=False)
+    rows = [(c["method"], c["remedy_of"] and c["remedy_of"]["method"]) for c in diag.configurations]
+    assert rows == [("gguf-Q4_0", None), ("gguf-Q4_0+protect", "gguf-Q4_0"), ("gguf-Q4_0+eora", "gguf-Q4_0")]
+    bits = [c["avg_bits"] for c in diag.configurations]
+    assert bits[0] == 4.5 and bits[1] > 4.5 and bits[2] > 4.5
