@@ -83,7 +83,7 @@ def main() -> None:
         from qdiag.core.arch import resolve, unwrap, weight_matrix
         from qdiag.core.data import calibration_tokens
         from qdiag.core.models import load_model
-        from qdiag.quant.calibrate import moments_by_chunk
+        from qdiag.quant.moments import moments_by_chunk
 
         model = load_model(device=args.device)
         hf, arch = unwrap(model), resolve(model)

@@ -3,9 +3,9 @@ import torch
 
 from qdiag.core.arch import weight_matrix
 from qdiag.core.models import wrap
-from qdiag.quant.calibrate import input_moments
 from qdiag.quant.eora import eora, eora_avg_bits, eora_factors
 from qdiag.quant.gptq import reconstruction_error
+from qdiag.quant.moments import input_moments
 from qdiag.quant.plan import avg_bits, uniform_plan
 from qdiag.quant.quantize import QuantSpec
 from qdiag.quant.quantizer import quantize_model

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.arch import resolve, unwrap, weight_matrix
-from .calibrate import moments_by_chunk
+from .moments import moments_by_chunk
 from .plan import Plan
 from .quantize import QuantSpec, Scaled, grouped, minmax_params, quantize, rtn
 

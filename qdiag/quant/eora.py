@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.arch import resolve, unwrap, weight_matrix
-from .calibrate import moments_by_chunk
+from .moments import moments_by_chunk
 from .plan import Plan
 from .quantize import QTensor, QuantSpec, bits_per_weight
 from .swap import QuantizedWeights
