@@ -12,8 +12,12 @@ the others. The manifest is checked whole before anything starts. Ray is an opti
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
+import os
+import platform
 import re
 import sys
 import time
@@ -23,9 +27,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .core.io import write_json
+from .core.io import atomic_write_bytes, write_json
 
 # The analyses a job can run: the commands of the command line.
+# ray.init's options for a run that keeps its output to the progress bar (the book's pages)
+QUIET = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
 ANALYSES = ("cliff", "lens", "causal", "components", "representations", "sensitivity", "repair", "diagnose")
 KEYS = {"models", "methods", "bits", "group_sizes", "seeds", "analyses", "options", "out", "retries", "address",
         "gpus_per_job", "cpus_per_job"}
@@ -81,17 +87,44 @@ def _list(doc: dict, key: str, default: list) -> list:
 
 
 def read(path: str | Path) -> Manifest:
-    """The manifest at ``path`` (YAML or JSON), checked whole: unknown keys, models, methods, widths,
-    group sizes and analyses are errors that name what is wrong, before any job runs."""
-    from .core.models import ModelNotFoundError, locate
-    from .quant.quantize import QuantSpec
-
+    """The manifest at ``path`` (YAML or JSON), checked whole (``check``); a relative ``out`` is
+    relative to the manifest's folder."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no manifest at {path}")
-    doc = yaml.safe_load(path.read_text()) or {}
+    return check(yaml.safe_load(path.read_text()) or {}, path.resolve().parent, str(path))
+
+
+def write(doc: dict, path: str | Path) -> Path:
+    """Save a manifest (a mapping, as ``check`` takes it) as YAML, so that ``qdiag sweep PATH`` reruns it."""
+    path = Path(path)
+    check(doc, path.resolve().parent, str(path))
+    atomic_write_bytes(path, yaml.safe_dump(doc, sort_keys=False).encode())
+    return path
+
+
+def _flags(options: dict) -> list[str]:
+    flat: list[str] = []
+    for k, v in sorted(options.items()):
+        flag = f"--{k.replace('_', '-')}"
+        if v is True:
+            flat.append(flag)
+        elif v is not False and v is not None:
+            flat += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return flat
+
+
+def check(doc: dict, base: Path = Path("."), where: str = "manifest") -> Manifest:
+    """A manifest from its mapping, checked whole: unknown keys, models, methods, widths, group sizes,
+    analyses and options are errors that name what is wrong, before any job runs. ``options`` are
+    every job's command-line options; an analysis's name as a key holds options for its jobs alone
+    (``{known: 40, diagnose: {evidence: triage}}``)."""
+    from .cli import build_parser
+    from .core.models import ModelNotFoundError, locate
+    from .quant.quantize import QuantSpec
+
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a manifest is a mapping of keys ({', '.join(sorted(KEYS))})")
+        raise ValueError(f"{where}: a manifest is a mapping of keys ({', '.join(sorted(KEYS))})")
     errors = [f"unknown key {k!r} (known: {', '.join(sorted(KEYS))})" for k in doc if k not in KEYS]
     models = _list(doc, "models", [])
     if not models:
@@ -118,23 +151,30 @@ def read(path: str | Path) -> Manifest:
     if not isinstance(options, dict):
         errors.append("'options' is a mapping of command-line options to values, like {facts: 40}")
         options = {}
-    bad = [k for k in options if k in {"model", "method", "bits", "group-size", "seed", "out", "device"}]
-    errors += [f"option {k!r} is set by the sweep itself; use the manifest's own key" for k in bad]
+    shared = {k: v for k, v in options.items() if not isinstance(v, dict)}
+    own = {k: v for k, v in options.items() if isinstance(v, dict)}
+    errors += [f"options for {k!r}: not an analysis (one of {', '.join(ANALYSES)})" for k in own if k not in ANALYSES]
+    flags = {a: _flags({**shared, **own.get(a, {})}) for a in analyses if a in ANALYSES}
+    for a, flat in flags.items():
+        taken = [k for k in {**shared, **own.get(a, {})} if k in {"model", "method", "bits", "group-size",
+                                                                  "group_size", "seed", "out", "device"}]
+        errors += [f"option {k!r} is set by the sweep itself; use the manifest's own key" for k in taken]
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                _, unknown = build_parser().parse_known_args([a, *flat, "--out", "x"])
+        except SystemExit:  # argparse's way of refusing a value
+            errors.append(f"qdiag {a} refuses the options {' '.join(flat)}: {said.getvalue().strip().splitlines()[-1]}")
+            continue
+        errors += [f"qdiag {a} has no option {u}" for u in unknown if u.startswith("--")]
     if errors:
-        raise ValueError(f"{path}: the manifest has {len(errors)} problem(s), nothing was run:\n  - "
-                         + "\n  - ".join(errors))
-    flat: list[str] = []
-    for k, v in sorted(options.items()):
-        flag = f"--{k.replace('_', '-')}"
-        if v is True:
-            flat.append(flag)
-        elif v is not False and v is not None:
-            flat += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    jobs = [Job(str(m), a, str(me), int(b), g, int(s), tuple(flat))
+        raise ValueError(f"{where}: the manifest has {len(errors)} problem(s), nothing was run:\n  - "
+                         + "\n  - ".join(dict.fromkeys(errors)))
+    jobs = [Job(str(m), a, str(me), int(b), g, int(s), tuple(flags[a]))
             for m, a, me, b, g, s in itertools.product(models, analyses, methods, bits, groups, seeds)]
     out = Path(doc.get("out", "results/sweep"))
     if not out.is_absolute():
-        out = path.parent / out
+        out = Path(base).resolve() / out
     return Manifest(jobs, out, int(doc.get("retries", 1)), doc.get("address"), float(doc.get("gpus_per_job", 0)),
                     float(doc.get("cpus_per_job", 1)))
 
@@ -159,7 +199,8 @@ def run_job(job: Job, out: Path, device: str) -> dict:
     if code != 0:
         raise RuntimeError(f"qdiag {job.analysis} exited with {code}")
     finished_at = time.time()
-    record = {"command": job.command(), "device": device, "seconds": round(finished_at - started, 1),
+    record = {"command": job.command(), "device": device, "host": platform.node(),
+              "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "seconds": round(finished_at - started, 1),
               "started_at": started, "finished_at": finished_at, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(job.folder(out) / "job.json", record)
     return record
@@ -237,3 +278,34 @@ def collect(manifest: Manifest) -> pd.DataFrame:
                          "bits": entry["bits"], "group_size": entry.get("group_size"), "seed": job.seed,
                          **{c: entry.get(c) for c in columns}})
     return pd.DataFrame(rows)
+
+
+def timeline(manifest: Manifest) -> pd.DataFrame:
+    """The finished jobs' records (job, host, visible devices, start, seconds) and, per job, how many
+    jobs were running when it started: how far the sweep really ran in parallel."""
+    marks = []
+    for job in manifest.jobs:
+        if finished(job, manifest.out):
+            mark = json.loads((job.folder(manifest.out) / "job.json").read_text())
+            marks.append({"job": str(job.folder(manifest.out).relative_to(manifest.out)), "host": mark.get("host"),
+                          "visible_devices": mark.get("visible_devices"), "started_at": mark["started_at"],
+                          "finished_at": mark["finished_at"], "seconds": mark["seconds"]})
+    t = pd.DataFrame(marks, columns=["job", "host", "visible_devices", "started_at", "finished_at", "seconds"])
+    t["running"] = [int(((t.started_at <= s) & (t.finished_at > s)).sum()) for s in t.started_at]
+    return t.sort_values("started_at", ignore_index=True)
+
+
+def side_by_side(table: pd.DataFrame) -> pd.DataFrame:
+    """``collect``'s rows merged into one row per model and configuration: the diagnosis's verdict
+    next to the cliff's perplexity, KL and retention (where both analyses ran)."""
+    keys = ["model", "method", "bits", "group_size", "seed"]
+    if table.empty:
+        return table
+    parts = [table[table.analysis == a].drop(columns="analysis").dropna(axis=1, how="all")
+             for a in ("diagnose", "cliff") if (table.analysis == a).any()]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part, on=keys, how="outer", suffixes=("", "_cliff"))
+    if "avg_bits_cliff" in merged:
+        merged["avg_bits"] = merged.avg_bits.fillna(merged.pop("avg_bits_cliff"))
+    return merged.sort_values(["model", "method", "bits"], ascending=[True, True, False], ignore_index=True)

@@ -143,3 +143,22 @@ def test_quantizer_findings_say_whether_the_verdict_follows_the_bits():
     assert one["same_verdict_4"] and one["same_verdict_2"] is None and one["verdicts_2"] == "rtn: Computation Collapse"
     assert one["same_verdict_3"] is None and one["verdicts_3"] == "none diagnosed"  # named by the prose, not run
     assert R.quantizer_figure(verdicts).axes[0].get_xticklabels()[1].get_text() == "awq"
+
+
+def test_models_findings_say_whether_every_model_gets_the_studys_mode():
+    from qdiag.diagnosis import report as R
+
+    table = pd.DataFrame({"model": ["org/a", "org/a", "b", "b"], "method": "gptq", "bits": [4, 2, 4, 2],
+                          "score": [0.2, 0.8, 0.3, 0.4],
+                          "verdict": ["signal_degradation", "computation_collapse", "signal_degradation",
+                                      "signal_degradation"]})
+    f = R.models_findings(table, widths=[4, 3, 2])
+    assert f["models"] == 2 and f["as_paper_4"] and not f["as_paper_2"]
+    assert f["models_2"] == "a GPTQ: Computation Collapse; b GPTQ: Signal Degradation"
+    assert f["as_paper_3"] is None and f["models_3"] == "none diagnosed"
+    cliff_only = table.assign(verdict=None)  # a sweep that ran the cliff alone has no verdicts
+    assert R.models_findings(cliff_only)["models"] == 0 and R.models_findings(cliff_only)["as_paper_4"] is None
+    labels = [t.get_text() for t in R.models_figure(table).axes[0].get_xticklabels()]
+    assert labels == ["a\nGPTQ", "b\nGPTQ"]
+    nothing = table.drop(columns="verdict")  # nor a sweep without the diagnosis
+    assert R.models_findings(nothing)["models_4"] == "none diagnosed" and R.models_figure(nothing).axes

@@ -93,3 +93,57 @@ def test_a_summary_puts_finished_jobs_side_by_side(tmp_path, capsys):
     assert main(["sweep", str(path), "--summary"]) == 0
     assert "signal_degradation" in capsys.readouterr().out
     assert (m.out / "summary.csv").exists()
+
+
+def test_options_of_one_analysis_reach_only_its_jobs_and_unknown_options_are_refused(tmp_path):
+    model, data = knowing(tmp_path / "m")
+    m = sweep.check({"models": [model], "analyses": ["cliff", "diagnose"], "bits": [4],
+                     "options": {"known": 10, "diagnose": {"evidence": "triage"}}}, tmp_path)
+    cliff, diagnose = m.jobs
+    assert "--evidence" not in cliff.command() and diagnose.command()[-4:] == ["--evidence", "triage", "--known", "10"]
+    with pytest.raises(ValueError) as err:  # cliff has no --evidence; --known takes a number; no analysis "surgery"
+        sweep.check({"models": [model], "analyses": ["cliff"], "options": {"evidence": "triage", "surgery": {"x": 1}}})
+    assert "qdiag cliff has no option --evidence" in str(err.value) and "'surgery'" in str(err.value)
+    with pytest.raises(ValueError, match="--known: expected"):
+        sweep.check({"models": [model], "options": {"known": "many"}})
+
+
+def test_a_written_manifest_reads_back_and_a_bad_one_is_not_written(tmp_path):
+    model, _ = knowing(tmp_path / "m")
+    doc = {"models": [model], "bits": [4, 2], "analyses": ["lens"], "out": "out"}
+    path = sweep.write(doc, tmp_path / "a" / "sweep.yml")
+    m = sweep.read(path)
+    assert [j.bits for j in m.jobs] == [4, 2] and m.out == (tmp_path / "a" / "out").resolve()
+    with pytest.raises(ValueError, match="width 0"):
+        sweep.write({**doc, "bits": [0]}, tmp_path / "b" / "sweep.yml")
+    assert not (tmp_path / "b").exists()
+
+
+def _finish(job, out, results: dict, started: float, seconds: float, devices=None):
+    folder = job.folder(out)
+    folder.mkdir(parents=True)
+    for name, doc in results.items():
+        (folder / name).write_text(json.dumps(doc))
+    (folder / "job.json").write_text(json.dumps({"command": job.command(), "started_at": started, "seconds": seconds,
+                                                 "finished_at": started + seconds, "visible_devices": devices}))
+
+
+def test_the_cliff_and_the_diagnosis_of_a_configuration_share_a_row_and_the_timeline_counts_overlaps(tmp_path):
+    model, data = knowing(tmp_path / "m")
+    m = sweep.check({"models": [model], "analyses": ["diagnose", "cliff"], "bits": [4, 2], "group_sizes": [32],
+                     "options": {"data": str(data)}, "out": "out"}, tmp_path)
+    d4, d2, c4, c2 = m.jobs
+    verdict = {"method": "rtn", "group_size": 32, "avg_bits": 4.5, "score": 0.2, "score_lo": 0.1, "score_hi": 0.3,
+               "lost": 0.4, "first_domino": None, "remedy_of": None}
+    four = {**verdict, "bits": 4, "verdict": "signal_degradation"}
+    _finish(d4, m.out, {"diagnosis.json": {"configurations": [four]}}, started=0, seconds=10, devices="0")
+    _finish(d2, m.out, {"diagnosis.json": {"configurations": [{**verdict, "bits": 2, "verdict": "computation_collapse",
+                                                                "score": 0.7}]}}, started=5, seconds=10, devices="1")
+    _finish(c4, m.out, {"cliff.json": {"rows": [{"method": "fp", "bits": 16, "ppl": 10.0},
+                                                {"method": "rtn", "bits": 4, "group_size": 32, "avg_bits": 4.5,
+                                                 "ppl": 12.0, "kl": 0.1, "retention": 0.8}]}}, started=20, seconds=1)
+    table = sweep.side_by_side(sweep.collect(m))  # c2 did not finish: its row has the diagnosis alone
+    assert table[["bits", "verdict", "ppl"]].fillna(-1).values.tolist() == [[4, "signal_degradation", 12.0],
+                                                                            [2, "computation_collapse", -1]]
+    runs = sweep.timeline(m)
+    assert runs.running.tolist() == [1, 2, 1] and runs.visible_devices.tolist()[:2] == ["0", "1"]

@@ -198,6 +198,45 @@ def quantizer_figure(verdicts: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
+def _short_model(model: str) -> str:
+    return str(model).rstrip("/").split("/")[-1]
+
+
+def _diagnosed(table: pd.DataFrame) -> pd.DataFrame:
+    return table.dropna(subset=["verdict"]) if "verdict" in table else table.iloc[0:0].assign(verdict=None)
+
+
+def models_figure(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Bits down, model and quantizer across (a sweep's verdicts, ``sweep.side_by_side``): does
+    the mode at a width hold from one model to the next?"""
+    d = _diagnosed(table).copy()
+    d["configuration"] = [f"{_short_model(m)}\n{str(q).upper()}" for m, q in zip(d.model, d.method)]
+    fig, axes = _panels(1, 1, max(4.2, 1.4 * d.configuration.nunique()), 3.4)
+    if d.empty:
+        axes[0][0].text(0.5, 0.5, "no diagnosis in this sweep", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    else:
+        _verdict_grid(axes[0][0], d, "configuration", "model and quantizer")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def models_findings(table: pd.DataFrame, widths: tuple | list = (4, 2)) -> dict:
+    """Per width the prose names: each model's verdict in words, and whether every model diagnosed
+    there gets the study's mode (Signal Degradation at 4 bits, Computation Collapse at 2; None where
+    none was diagnosed); ``models``: how many models the sweep finished."""
+    d = _diagnosed(table)
+    out: dict = {"models": int(d.model.nunique())}
+    paper = {4: "signal_degradation", 2: "computation_collapse"}
+    for b in widths:
+        at = d[d.bits == b]
+        out[f"models_{b}"] = "; ".join(f"{_short_model(m)} {str(q).upper()}: {WORDS[v]}"
+                                       for m, q, v in zip(at.model, at.method, at.verdict)) or "none diagnosed"
+        out[f"as_paper_{b}"] = bool((at.verdict == paper[b]).all()) if b in paper and len(at) else None
+    return out
+
+
 def quantizer_findings(verdicts: pd.DataFrame, widths: tuple | list = ()) -> dict:
     """Per nominal width: whether the quantizers diagnosed share one verdict (None where fewer than
     two were diagnosed at that width: a llama.cpp type fixes its own width), and each one's verdict
