@@ -86,3 +86,17 @@ def test_a_small_rank_of_a_large_matrix_fits_as_well_as_the_full_svd():
         err[exact] = float(((E - B @ A) @ X.t()).norm())
     assert err[False] >= err[True] * (1 - 1e-9)  # the exact fit is the best there is
     assert err[False] <= err[True] * 1.01
+
+
+def test_a_randomized_fit_gone_non_finite_falls_back_to_the_exact_one(monkeypatch):
+    """A GPU's QR gave NaN once on a tiny model's error; the fit is then the exact SVD's."""
+    import qdiag.quant.eora as E
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(256, 96, generator=g)
+    H, err = X.t() @ X / 256, torch.randn(80, 96, generator=g)
+    exact = eora_factors(err, H, rank=8, exact=True)
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(E.torch.linalg, "qr", lambda A: type(real_qr(A))((real_qr(A).Q * float("nan"), real_qr(A).R)))
+    B, A = eora_factors(err, H, rank=8)
+    assert torch.allclose(B @ A, exact[0] @ exact[1], atol=1e-5)

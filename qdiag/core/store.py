@@ -77,7 +77,9 @@ def weights_digest(model: nn.Module) -> str:
         x = p.detach()
         if x.is_meta:
             raise ValueError(f"parameter {name} is on the meta device (offloaded); the store cannot key it")
-        stats = torch.stack([x.double().sum(), x.double().square().sum()]).cpu().numpy()
+        # in float64 a slice at a time: a whole float64 copy of an 8B model's embedding is 3.9 GiB
+        sums = [torch.stack([c.double().sum(), c.double().square().sum()]) for c in x.reshape(-1).split(_SLICE)]
+        stats = torch.stack(sums).sum(0).cpu().numpy()
         h.update(repr((name, tuple(x.shape), str(x.dtype))).encode())
         h.update(stats.tobytes() + x.flatten()[:64].float().cpu().numpy().tobytes())
     _DIGESTS[hf] = (state, h.hexdigest())
@@ -85,6 +87,7 @@ def weights_digest(model: nn.Module) -> str:
 
 
 _DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SLICE = 1 << 24  # elements summed at once by weights_digest (128 MiB in float64)
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -69,7 +69,7 @@ def weight_root(H: torch.Tensor, eps: float = 1e-6, device: torch.device | str |
         A.diagonal().add_(base * 10**k - added)
         added = base * 10**k
         M, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0:
+        if int(info) == 0 and bool(torch.isfinite(M).all()):  # a GPU's solver can succeed with NaN in its factor
             return M
         del M
     raise ValueError("the calibration inputs' second moment is not positive semi-definite (NaN or inf in them?)")
@@ -84,6 +84,8 @@ def _weighted_svd(error: torch.Tensor, H: torch.Tensor, eps: float = 1e-6, root:
         q = min(rank + OVERSAMPLE, min(projected.shape))
         gen = torch.Generator(device=projected.device).manual_seed(0)  # the same factors on every run
         Uu, S, Vh = _randomized_svd(projected, q, POWER_ITERATIONS, gen)
+        if not bool(torch.isfinite(S).all()):  # seen on a GPU for a tiny rank-deficient error: the exact SVD
+            Uu, S, Vh = svd(projected)
     else:
         Uu, S, Vh = svd(projected)
     return Uu * S, torch.linalg.solve_triangular(M, Vh, upper=False, left=False)  # V^T M^-1
@@ -97,7 +99,10 @@ def _randomized_svd(M: torch.Tensor, q: int, iterations: int, gen: torch.Generat
     for _ in range(iterations):
         Qm = torch.linalg.qr(M.t() @ Qm).Q
         Qm = torch.linalg.qr(M @ Qm).Q
-    u, S, Vh = svd(Qm.t() @ M)
+    small = Qm.t() @ M
+    if not bool(torch.isfinite(small).all()):
+        return Qm, torch.full((q,), float("nan"), dtype=M.dtype, device=M.device), small
+    u, S, Vh = svd(small)
     return Qm @ u, S, Vh
 
 

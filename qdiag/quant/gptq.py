@@ -150,13 +150,15 @@ class _GraphCache:
         self.graphs: dict = {}
 
     def run(self, block: _Block) -> None:
-        entry = self.graphs.get(block.key)
-        if entry is None:
-            entry = self.graphs[block.key] = self._capture(block)
-        graph, static = entry
-        for name in ("W1", "Hinv1", "d", "S1", "Z1"):
-            getattr(static, name).copy_(getattr(block, name))
-        graph.replay()
+        device = block.W1.device  # a sharded model's layers sit on several cards: a graph per card
+        with torch.cuda.device(device):
+            entry = self.graphs.get((device, block.key))
+            if entry is None:
+                entry = self.graphs[(device, block.key)] = self._capture(block)
+            graph, static = entry
+            for name in ("W1", "Hinv1", "d", "S1", "Z1"):
+                getattr(static, name).copy_(getattr(block, name))
+            graph.replay()
         for name in ("W1", "S1", "Z1", "Q1", "Err1"):
             setattr(block, name, getattr(static, name).clone())
 
@@ -170,7 +172,8 @@ class _GraphCache:
             static.run()  # a warm-up run before capture, as CUDA graphs need
         torch.cuda.current_stream(block.W1.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # on this card's own stream: torch's default capture stream sits on the first card it was used on
+        with torch.cuda.graph(graph, stream=side):
             static.run()
         return graph, static
 
