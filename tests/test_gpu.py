@@ -81,7 +81,7 @@ def test_other_quantizers_and_a_checkpoint_on_the_gpu(knowing_model, tmp_path, d
                  str(tmp_path / "diag")]) == 0
 
 
-SHARDED = ["cliff", "lens", "causal", "components", "representations", "diagnose"]
+SHARDED = ["cliff", "lens", "causal", "components", "representations", "sensitivity", "repair", "diagnose"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
