@@ -29,9 +29,9 @@ import yaml
 
 from .core.io import atomic_write_bytes, write_json
 
-# The analyses a job can run: the commands of the command line.
 # ray.init's options for a run that keeps its output to the progress bar (the book's pages)
 QUIET = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+# The analyses a job can run: the commands of the command line.
 ANALYSES = ("cliff", "lens", "causal", "components", "representations", "sensitivity", "repair", "diagnose")
 KEYS = {"models", "methods", "bits", "group_sizes", "seeds", "analyses", "options", "out", "retries", "address",
         "gpus_per_job", "cpus_per_job"}
@@ -301,8 +301,11 @@ def side_by_side(table: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "method", "bits", "group_size", "seed"]
     if table.empty:
         return table
-    parts = [table[table.analysis == a].drop(columns="analysis").dropna(axis=1, how="all")
-             for a in ("diagnose", "cliff") if (table.analysis == a).any()]
+    parts = []
+    for a in ("diagnose", "cliff"):
+        part = table[table.analysis == a].drop(columns="analysis")
+        if len(part):  # each analysis keeps its own columns (the other's are empty in its rows)
+            parts.append(part[[c for c in part if c in keys or part[c].notna().any()]])
     merged = parts[0]
     for part in parts[1:]:
         merged = merged.merge(part, on=keys, how="outer", suffixes=("", "_cliff"))

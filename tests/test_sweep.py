@@ -5,6 +5,7 @@ resumes), and a failing job is retried, then reported beside the others."""
 import json
 import shutil
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -147,3 +148,8 @@ def test_the_cliff_and_the_diagnosis_of_a_configuration_share_a_row_and_the_time
                                                                             [2, "computation_collapse", -1]]
     runs = sweep.timeline(m)
     assert runs.running.tolist() == [1, 2, 1] and runs.visible_devices.tolist()[:2] == ["0", "1"]
+    per_channel = table.assign(group_size=None)  # one scale per output channel: no group size in any row
+    assert len(sweep.side_by_side(pd.concat([per_channel.assign(analysis="diagnose")[["model", "method", "bits",
+                                            "group_size", "seed", "verdict", "analysis"]],
+                                             per_channel.assign(analysis="cliff")[["model", "method", "bits",
+                                            "group_size", "seed", "ppl", "analysis"]]]))) == 2
