@@ -84,8 +84,6 @@ def _weighted_svd(error: torch.Tensor, H: torch.Tensor, eps: float = 1e-6, root:
         q = min(rank + OVERSAMPLE, min(projected.shape))
         gen = torch.Generator(device=projected.device).manual_seed(0)  # the same factors on every run
         Uu, S, Vh = _randomized_svd(projected, q, POWER_ITERATIONS, gen)
-        if not bool(torch.isfinite(S).all()):  # seen on a GPU for a tiny rank-deficient error: the exact SVD
-            Uu, S, Vh = svd(projected)
     else:
         Uu, S, Vh = svd(projected)
     return Uu * S, torch.linalg.solve_triangular(M, Vh, upper=False, left=False)  # V^T M^-1
@@ -100,8 +98,8 @@ def _randomized_svd(M: torch.Tensor, q: int, iterations: int, gen: torch.Generat
         Qm = torch.linalg.qr(M.t() @ Qm).Q
         Qm = torch.linalg.qr(M @ Qm).Q
     small = Qm.t() @ M
-    if not bool(torch.isfinite(small).all()):
-        return Qm, torch.full((q,), float("nan"), dtype=M.dtype, device=M.device), small
+    if not bool(torch.isfinite(small).all()):  # seen once on a GPU (its QR of a tiny error): the exact SVD
+        return svd(M)
     u, S, Vh = svd(small)
     return Qm @ u, S, Vh
 
