@@ -66,7 +66,7 @@ def test_stored_scores_equal_recomputed_ones(root, count, monkeypatch):
     first = Reference(lm, FACTS)
     w = next(iter(each_width(lm, [QuantSpec(3, 32)], progress=False)))
     q1 = first.score(lm, w)
-    assert len(count) == 2 and len(list((root / "scores").glob("*.pkl"))) == 2
+    assert len(count) == 2 and len(list((root / "scores").glob("*.json"))) == 2
     again = Reference(lm, FACTS)
     q2 = again.score(lm, next(iter(each_width(lm, [QuantSpec(3, 32)], progress=False))))
     assert len(count) == 2  # both read back
@@ -110,13 +110,13 @@ def test_fidelity_is_stored_and_a_configuration_without_a_key_is_not(root):
         first = output_fidelity(lm, tokens, w, window=32)
         assert output_fidelity(lm, tokens, w, window=32) == first
         assert first == evaluate.output_fidelity(lm, tokens, w.applied, 32)
-    assert len(list((root / "fidelity").glob("*.pkl"))) == 2
+    assert len(list((root / "fidelity").glob("*.json"))) == 2
     fp = output_fidelity(lm, tokens, next(iter(each_width(lm, [QuantSpec(16)], progress=False))), window=32)
     assert fp["kl"] == pytest.approx(0, abs=1e-6) and fp["top1_agreement"] == 1
     w = next(iter(each_width(lm, [QuantSpec(2, 32)], progress=False)))
     w.key = None
     output_fidelity(lm, tokens, w, window=32)
-    assert len(list((root / "fidelity").glob("*.pkl"))) == 2
+    assert len(list((root / "fidelity").glob("*.json"))) == 2
 
 
 def test_the_weights_digest_is_remembered_until_a_weight_is_written():
@@ -129,3 +129,66 @@ def test_the_weights_digest_is_remembered_until_a_weight_is_written():
     assert second != first
     model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(128, 64))  # replaced: seen
     assert store.weights_digest(model) not in (first, second)
+
+
+def test_a_permuted_row_or_two_swapped_values_change_the_weights_digest():
+    model = tiny_model()
+    before = store.weights_digest(model)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        w.copy_(w[torch.tensor([1, 0, *range(2, w.shape[0])])])  # rows 0 and 1 swapped: same sums
+    permuted = store.weights_digest(model)
+    assert permuted != before
+    with torch.no_grad():
+        a, b = w[3, 4].clone(), w[5, 6].clone()
+        w[3, 4], w[5, 6] = b, a  # two values swapped inside one tensor
+    assert store.weights_digest(model) not in (before, permuted)
+
+
+def test_the_accelerator_fingerprint_sees_positions_too():
+    # the projection a GPU uses, run here on the CPU
+    x = torch.randn(64, 32)
+    rows = x[torch.tensor([1, 0, *range(2, 64)])]
+    pair = x.clone()
+    pair[3, 4], pair[5, 6] = x[5, 6], x[3, 4]
+    seen = {store.tensor_fingerprint(t, project=True) for t in (x, rows, pair)}
+    assert len(seen) == 3
+    assert store.tensor_fingerprint(x.clone(), project=True) == store.tensor_fingerprint(x, project=True)
+
+
+def test_a_planted_pickle_is_never_loaded(root, tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (root / "x").mkdir(parents=True)
+    data = pickle.dumps(Payload())
+    (root / "x" / "k.pkl").write_bytes(data)  # where the old store kept its entries
+    (root / "x" / "k.json").write_bytes(data)  # and under the name the store reads now
+    with pytest.warns(UserWarning, match="ignoring"):
+        assert store.cached("x", "k", lambda: {"v": 1}) == {"v": 1}
+    assert not marker.exists()
+    assert store.load("x", "k") == {"v": 1}  # the bad entry was replaced by the computed one
+
+
+def test_an_entry_recording_another_key_is_ignored_and_recomputed(root):
+    store.save("x", "a", {"v": 1})
+    (root / "x" / "b.json").write_bytes((root / "x" / "a.json").read_bytes())  # copied under another key
+    with pytest.warns(UserWarning, match="another kind, key or format"):
+        assert store.cached("x", "b", lambda: {"v": 2}) == {"v": 2}
+    assert store.load("x", "b") == {"v": 2} and store.load("x", "a") == {"v": 1}
+
+
+def test_tables_come_back_with_their_dtypes_and_exact_floats(root):
+    import numpy as np
+
+    df = pd.DataFrame({"fact": ["a", "b", "c"], "template": [0, 1, 2], "correct": [True, False, True],
+                       "prob": np.array([0.1, 1 / 3, 2e-30], dtype=np.float32), "kl": [np.nan, 1 / 3, 1e300]})
+    store.save("t", "k", df)
+    pd.testing.assert_frame_equal(store.load("t", "k"), df, check_exact=True)
+    with pytest.raises(TypeError, match="not Tensor"):
+        store.save("t", "bad", torch.zeros(2))

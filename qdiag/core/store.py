@@ -4,6 +4,12 @@ computed from everything the result depends on: the model's weights, the tokeniz
 the configuration and the code that computed it. A change to any of them gives a new key, so an
 old entry is never read for new inputs; entries are written whole or not at all.
 
+Entries are JSON, never pickles: a folder someone else can write to (a CI cache, a shared disk)
+can at worst make qdiag recompute, never run code. Each file records its kind and key; one that
+does not parse, or whose recorded key is not the one asked for, is ignored with a warning and the
+result is computed again. Tables keep their columns' dtypes and every float exactly (JSON writes a
+float's shortest round-trip form).
+
 Where: ``$QDIAG_STORE``, else ``~/.cache/qdiag/store`` (``QDIAG_CACHE`` moves the cache);
 ``QDIAG_STORE=off`` turns the store off (everything is computed).
 """
@@ -12,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
+import json
 import os
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +33,8 @@ from torch import nn
 from .arch import unwrap
 from .data import cache_dir
 from .io import atomic_write_bytes
+
+FORMAT = 1  # the entries' layout; another number is a miss
 
 OFF = ("off", "0", "none", "false")
 
@@ -62,11 +71,12 @@ def digest(*parts: object) -> str:
 
 @torch.no_grad()
 def weights_digest(model: nn.Module) -> str:
-    """A digest of the model's current parameters: every tensor's name, shape, dtype, sum, sum of
-    squares and first values (a change of any weight moves the sums; hashing every byte of an 8B
-    model would take a minute). Remembered per model until a parameter is replaced or written in
-    place (torch counts in-place writes; writes through ``.data`` bypass that count, and qdiag
-    never makes them after loading)."""
+    """A digest of the model's current parameters that sees where every value sits: each tensor's
+    name, shape and dtype, and its bytes hashed with blake2b on the CPU, or, on an accelerator, its
+    dot products in float64 with a fixed pseudo-random vector of its own size generated on that
+    device (no copy leaves the card; a permuted row or two swapped values move the dot product).
+    Remembered per model until a parameter is replaced or written in place (torch counts in-place
+    writes; writes through ``.data`` bypass that count, and qdiag never makes them after loading)."""
     hf = unwrap(model)
     state = tuple((n, p.data_ptr(), p._version) for n, p in hf.named_parameters())
     seen = _DIGESTS.get(hf)
@@ -77,17 +87,31 @@ def weights_digest(model: nn.Module) -> str:
         x = p.detach()
         if x.is_meta:
             raise ValueError(f"parameter {name} is on the meta device (offloaded); the store cannot key it")
-        # in float64 a slice at a time: a whole float64 copy of an 8B model's embedding is 3.9 GiB
-        sums = [torch.stack([c.double().sum(), c.double().square().sum()]) for c in x.reshape(-1).split(_SLICE)]
-        stats = torch.stack(sums).sum(0).cpu().numpy()
-        h.update(repr((name, tuple(x.shape), str(x.dtype))).encode())
-        h.update(stats.tobytes() + x.flatten()[:64].float().cpu().numpy().tobytes())
+        h.update(repr((name, tuple(x.shape), str(x.dtype), x.device.type)).encode())
+        h.update(tensor_fingerprint(x))
     _DIGESTS[hf] = (state, h.hexdigest())
     return _DIGESTS[hf][1]
 
 
+def tensor_fingerprint(x: torch.Tensor, project: bool | None = None) -> bytes:
+    """What ``weights_digest`` hashes of one tensor: a blake2b digest of its bytes on the CPU; on an
+    accelerator (or with ``project=True``), its float64 dot products, a slice at a time, with
+    pseudo-random vectors drawn on the device from a fixed seed per slice (so the same values in
+    the same places give the same bytes)."""
+    flat = x.reshape(-1)
+    if not (x.device.type != "cpu" if project is None else project):  # hashed in place, through the buffer protocol: no copy of the bytes
+        return hashlib.blake2b(flat.contiguous().view(torch.uint8).numpy(), digest_size=16).digest()
+    dots = []
+    g = torch.Generator(device=x.device)
+    for i, c in enumerate(flat.split(_SLICE)):
+        g.manual_seed(i)
+        r = torch.rand(c.numel(), generator=g, device=x.device, dtype=torch.float64)
+        dots.append(torch.dot(c.double(), r))
+    return torch.stack(dots).cpu().numpy().tobytes() if dots else b""
+
+
 _DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SLICE = 1 << 24  # elements summed at once by weights_digest (128 MiB in float64)
+_SLICE = 1 << 24  # elements projected at once on an accelerator (128 MiB per float64 vector)
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -119,25 +143,75 @@ def code_digest(*code: ModuleType | FunctionType) -> str:
 
 def _path(kind: str, key: str) -> Path | None:
     base = root()
-    return None if base is None else base / kind / f"{key}.pkl"
+    return None if base is None else base / kind / f"{key}.json"
 
 
 def load(kind: str, key: str) -> object | None:
-    """The entry ``kind/key``, or None when it is not stored (or the store is off)."""
+    """The entry ``kind/key``, or None when it is not stored (or the store is off). An entry that
+    does not parse, or that records another kind or key, is ignored with a warning (and computed
+    again by ``cached``); nothing in the store is ever executed."""
     path = _path(kind, key)
     if path is None or not path.exists():
         return None
-    return pd.read_pickle(path)
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("kind") != kind \
+                or doc.get("key") != key:
+            raise ValueError("it records another kind, key or format")
+        return _decode(doc["value"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        warnings.warn(f"run store: ignoring {path} ({type(err).__name__}: {err}); it will be computed again",
+                      stacklevel=2)
+        return None
 
 
 def save(kind: str, key: str, value: object) -> None:
-    """Store ``value`` (a data frame or anything picklable) as ``kind/key``, whole or not at all."""
+    """Store ``value`` (a data frame, or numbers, strings, lists and dicts of them) as ``kind/key``,
+    whole or not at all."""
     path = _path(kind, key)
     if path is None:
         return
-    buf = io.BytesIO()
-    pd.to_pickle(value, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    doc = {"format": FORMAT, "kind": kind, "key": key, "value": _encode(value)}
+    atomic_write_bytes(path, json.dumps(doc, allow_nan=True).encode())
+
+
+def _encode(value: object) -> object:
+    """A JSON-able form of ``value``; data frames by column, with their dtypes and index."""
+    if isinstance(value, pd.DataFrame):
+        index = None if value.index.equals(pd.RangeIndex(len(value))) else value.index.tolist()
+        return {"__frame__": {"columns": [str(c) for c in value.columns],
+                              "dtypes": [str(t) for t in value.dtypes],
+                              "data": [_plain(value[c].tolist()) for c in value.columns], "index": index}}
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, torch.Tensor):  # a numpy scalar
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"the run store keeps tables, numbers and strings, not {type(value).__name__}")
+
+
+def _plain(values: list) -> list:
+    return [v.item() if hasattr(v, "item") else v for v in values]
+
+
+def _decode(value: object) -> object:
+    if isinstance(value, dict) and set(value) == {"__frame__"}:
+        f = value["__frame__"]
+        if len(f["columns"]) != len(f["dtypes"]) or len(f["columns"]) != len(f["data"]):
+            raise ValueError("a table's columns, dtypes and data differ in number")
+        df = pd.DataFrame({c: pd.Series(d, dtype=t) for c, t, d in zip(f["columns"], f["dtypes"], f["data"])},
+                          columns=f["columns"])
+        if f.get("index") is not None:
+            df.index = f["index"]
+        return df
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
 
 
 def cached(kind: str, key: str | None, compute: Callable[[], object]) -> object:
