@@ -119,7 +119,7 @@ def check(doc: dict, base: Path = Path("."), where: str = "manifest") -> Manifes
     analyses and options are errors that name what is wrong, before any job runs. ``options`` are
     every job's command-line options; an analysis's name as a key holds options for its jobs alone
     (``{known: 40, diagnose: {evidence: triage}}``)."""
-    from .cli import build_parser
+    from .commands import parser
     from .core.models import ModelNotFoundError, locate
     from .quant.quantize import QuantSpec
 
@@ -162,7 +162,7 @@ def check(doc: dict, base: Path = Path("."), where: str = "manifest") -> Manifes
         said = io.StringIO()
         try:
             with contextlib.redirect_stderr(said):
-                _, unknown = build_parser().parse_known_args([a, *flat, "--out", "x"])
+                _, unknown = parser().parse_known_args([a, *flat, "--out", "x"])
         except SystemExit:  # argparse's way of refusing a value
             errors.append(f"qdiag {a} refuses the options {' '.join(flat)}: {said.getvalue().strip().splitlines()[-1]}")
             continue
@@ -192,10 +192,10 @@ def finished(job: Job, out: Path) -> bool:
 
 def run_job(job: Job, out: Path, device: str) -> dict:
     """Run one job in this process: the analysis's command, then its mark of completion."""
-    from .cli import main
+    from .commands import run as run_command
 
     started = time.time()
-    code = main(job.args(out, device))
+    code = run_command(job.args(out, device))
     if code != 0:
         raise RuntimeError(f"qdiag {job.analysis} exited with {code}")
     finished_at = time.time()

@@ -99,7 +99,8 @@ def tensor_fingerprint(x: torch.Tensor, project: bool | None = None) -> bytes:
     pseudo-random vectors drawn on the device from a fixed seed per slice (so the same values in
     the same places give the same bytes)."""
     flat = x.reshape(-1)
-    if not (x.device.type != "cpu" if project is None else project):  # hashed in place, through the buffer protocol: no copy of the bytes
+    if not (x.device.type != "cpu" if project is None else project):
+        # hashed in place, through the buffer protocol: no copy of the bytes
         return hashlib.blake2b(flat.contiguous().view(torch.uint8).numpy(), digest_size=16).digest()
     dots = []
     g = torch.Generator(device=x.device)
