@@ -30,8 +30,8 @@ else
 	@echo "browser test uses $(CHROMIUM)"
 endif
 
-book: install data  ## execute every notebook on the default model (on the GPU where torch sees one) and build the HTML book
-	$(PYTHON) -m qdiag.book $$($(PYTHON) -c "import torch; print('--device-map auto' if torch.cuda.is_available() else '')")
+book: install data  ## execute every notebook on the default model and build the HTML book: the book's parameters on a GPU, the classroom tier on a CPU (it prints which, and how to force the other)
+	$(PYTHON) -m qdiag.book
 	@echo "open book/_build/html/index.html"
 
 book-classroom: install data  ## a classroom-sized run of every chapter (book/classroom.yml)

@@ -175,7 +175,7 @@ def test_an_executed_chapter_records_where_it_ran_and_the_status_page_reads_it(t
     assert f"Machine 1: {build.machine()}." in page
     assert "the classroom tier" in page
     row = next(line for line in page.splitlines() if line.startswith("| 01_demo |"))
-    assert f"| {seconds:.0f} | yes |" in row and "`x=7`" in row
+    assert f"| {seconds:.0f} | yes |" in row and "`x=7`" in row and "| classroom |" in row
 
 
 def test_tqdms_warning_of_a_kernel_without_widgets_stays_out_of_the_page(tmp_path):
@@ -190,3 +190,13 @@ def test_tqdms_warning_of_a_kernel_without_widgets_stays_out_of_the_page(tmp_pat
     shown = "".join(o.get("text", "") for o in cell.outputs)
     assert "a warning the reader should see" in shown
     assert "IProgress" not in shown
+
+
+@pytest.mark.parametrize("gpu, tier, device_map", [(True, "book", "auto"), (False, "classroom", None)],
+                         ids=["gpu", "cpu"])
+def test_the_default_tier_is_the_one_the_machine_can_build(gpu, tier, device_map):
+    chosen, dm, why = build.choose_tier("auto", None, gpu=gpu)
+    assert (chosen, dm) == (tier, device_map)
+    assert "--tier" in why  # how to force the other
+    assert build.choose_tier("book", None, gpu=False)[:2] == ("book", None)  # asked for: kept
+    assert build.choose_tier("classroom", "auto", gpu=True)[:2] == ("classroom", "auto")

@@ -2,7 +2,8 @@
 ``book/notebooks/``, write ``book/status.md``, then run ``jupyter-book build`` with execution off
 and warnings as errors.
 
-    python -m qdiag.book                     # the book's parameters (book/params.yml)
+    python -m qdiag.book                     # the tier this machine can build: the book's on a GPU, else classroom
+    python -m qdiag.book --tier book         # the book's parameters (book/params.yml), wherever it runs
     python -m qdiag.book --tier classroom    # a classroom run (book/classroom.yml): minutes on a laptop
     python -m qdiag.book --smoke             # the notebooks' own (small) default parameters
     python -m qdiag.book --device-map auto   # every chapter on the GPU(s), spread as accelerate places it
@@ -211,7 +212,7 @@ def status_page(chapters: Path, reused: frozenset[str] | set[str] = frozenset())
         seconds = run.get("seconds", pm.get("duration"))
         params = ", ".join(f"`{k}={v!r}`" for k, v in (pm.get("parameters") or {}).items()) or "notebook defaults"
         rows.append((path.stem, seconds, path.stem in reused, run.get("executed", pm.get("start_time", "")),
-                     list(machines).index(where) + 1, params))
+                     list(machines).index(where) + 1, run.get("tier") or "not recorded", params))
     lines = ["# Status", "", "What produced the numbers in this book.", "",
              f"Rendered {time.strftime('%Y-%m-%d %H:%M %Z')}; parameters: "
              + "; ".join(f"the {t} tier ({TIER_WORDS[t]})" if t in TIER_WORDS else t for t in sorted(tiers)) + ".",
@@ -223,11 +224,11 @@ def status_page(chapters: Path, reused: frozenset[str] | set[str] = frozenset())
     lines += ["Seconds are each chapter's execution on the machine named; a chapter whose notebook, parameters, "
               "qdiag source, packages and data had not changed since an earlier build was reused from the "
               "build's store (its seconds and machine are that earlier execution's).", "",
-              "| notebook | seconds | reused | executed | machine | parameters |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for name, seconds, was_reused, when, m, params in rows:
+              "| notebook | seconds | reused | executed | machine | tier | parameters |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, seconds, was_reused, when, m, tier, params in rows:
         sec = "?" if seconds is None else f"{seconds:.0f}"
-        lines.append(f"| {name} | {sec} | {'yes' if was_reused else 'no'} | {when} | {m} | {params} |")
+        lines.append(f"| {name} | {sec} | {'yes' if was_reused else 'no'} | {when} | {m} | {tier} | {params} |")
     total = sum(r[1] or 0 for r in rows)
     lines += ["", f"All chapters: {total / 60:.1f} minutes of execution."]
     return "\n".join(lines) + "\n"
@@ -238,6 +239,24 @@ def tier_parameters(book: Path, tier: str) -> dict:
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}: choose one of {', '.join(TIERS)}")
     return {} if TIERS[tier] is None else (yaml.safe_load((book / TIERS[tier]).read_text()) or {})
+
+
+def choose_tier(tier: str, device_map: str | None, gpu: bool | None = None) -> tuple[str, str | None, str]:
+    """The tier and device map a build runs with, and a sentence saying why. ``auto`` is the book's
+    parameters on the GPU(s) where torch sees one, the classroom tier on the CPU (the book's
+    parameters take hours there); a named tier is kept as asked."""
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if tier != "auto":
+        return tier, device_map, f"the {tier} tier, as asked"
+    if gpu:
+        return "book", device_map or "auto", ("the book tier on the GPU (torch sees one); "
+                                              "`python -m qdiag.book --tier classroom` for the classroom run")
+    return "classroom", device_map, ("the classroom tier (about 15 minutes on 2 cores): torch sees no GPU, and the "
+                                     "book's parameters take hours on a CPU; `python -m qdiag.book --tier book` "
+                                     "forces them")
 
 
 def render(book: Path) -> int:
@@ -291,8 +310,9 @@ def build(root: Path, tier: str = "book", only: list[str] | None = None, render_
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qdiag.book", description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path.cwd(), help="the repository root")
-    ap.add_argument("--tier", choices=list(TIERS), default="book",
-                    help="parameters: the book's (default), a classroom run, or the notebooks' defaults (smoke)")
+    ap.add_argument("--tier", choices=["auto", *TIERS], default="auto",
+                    help="parameters: auto (default: the book's on a GPU, classroom on a CPU), the book's, a "
+                         "classroom run, or the notebooks' defaults (smoke)")
     ap.add_argument("--smoke", action="store_true", help="the same as --tier smoke")
     ap.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to execute")
     ap.add_argument("--no-render", action="store_true", help="execute only; skip jupyter-book")
@@ -312,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         book = args.root / "book"
         atomic_write_bytes(book / "status.md", status_page(book / CHAPTERS).encode())
         return render(book)
-    return build(args.root, "smoke" if args.smoke else args.tier, args.only, not args.no_render, args.fresh,
-                 args.device_map)
+    tier, device_map, why = choose_tier("smoke" if args.smoke else args.tier, args.device_map)
+    print(f"building {why}", flush=True)
+    return build(args.root, tier, args.only, not args.no_render, args.fresh, device_map)
 
 
 if __name__ == "__main__":
