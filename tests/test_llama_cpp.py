@@ -14,9 +14,9 @@ needs_tools = pytest.mark.skipif(TOOLS is None, reason="llama.cpp's tools are no
                                  "benchmarks/llama_cpp_build.py, then set QDIAG_LLAMA_CPP")
 
 
-@pytest.mark.parametrize("asked, cols, stored", [("Q4_K", 4096, "Q4_K"), ("Q4_K", 576, "Q5_0"), ("Q3_K", 576, "Q4_0"),
-                                                 ("Q6_K", 1536, "Q6_K"), ("Q6_K", 576, "Q8_0"), ("IQ2_XXS", 576, "IQ4_NL"),
-                                                 ("Q8_0", 576, "Q8_0"), ("Q4_K", 100, "F16"), ("q5_k", 576, "Q5_1")])
+@pytest.mark.parametrize("asked, cols, stored", [
+    ("Q4_K", 4096, "Q4_K"), ("Q4_K", 576, "Q5_0"), ("Q3_K", 576, "Q4_0"), ("Q6_K", 1536, "Q6_K"), ("Q6_K", 576, "Q8_0"),
+    ("IQ2_XXS", 576, "IQ4_NL"), ("Q8_0", 576, "Q8_0"), ("Q4_K", 100, "F16"), ("q5_k", 576, "Q5_1")])
 def test_the_type_llama_quantize_writes(asked, cols, stored):
     assert llama_cpp.stored_type(asked, cols) == stored
 
