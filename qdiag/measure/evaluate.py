@@ -55,13 +55,13 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_
 
 
 @torch.no_grad()
-def reference_logprobs(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4,
-                       budget: int = 2**31) -> list[torch.Tensor] | None:
+def reference_logprobs(model: nn.Module, tokens: torch.Tensor | None, window: int = 512, batch_size: int = 4,
+                       budget: int = 2**31, windows: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """The reference's next-token log-probabilities on the windows of ``text_windows``, one tensor
     per batch of ``output_fidelity`` in host memory, to compare every configuration with one reference pass; None
     when they would take more than ``budget`` bytes (vocabulary x tokens x 4)."""
     hf = unwrap(model)
-    windows = text_windows(model, tokens, window)
+    windows = text_windows(model, tokens, window) if windows is None else windows
     vocab = hf.get_output_embeddings().weight.shape[0]
     if windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 > budget:
         return None
@@ -77,8 +77,9 @@ def _logprobs(logits: torch.Tensor, device: torch.device | str | None = None) ->
 
 
 @torch.no_grad()
-def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int = 512, batch_size: int = 4,
-                    seed: int = 0, reference: list[torch.Tensor] | None = None) -> dict:
+def output_fidelity(model: nn.Module, tokens: torch.Tensor | None, applied, window: int = 512, batch_size: int = 4,
+                    seed: int = 0, reference: list[torch.Tensor] | None = None, windows: torch.Tensor | None = None,
+                    first: int = 0) -> dict:
     """How close a configuration's next-token distributions are to the reference's on text: the
     mean KL divergence ``KL(reference || configuration)`` per token and the share of tokens whose
     top prediction agrees, with 95% bootstrap intervals over tokens; ``kl_null``: the KL of a
@@ -87,10 +88,12 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int
     forward). ``applied(model)`` is the context that runs the configuration (``Width.applied``;
     None: the reference itself, run once); windows as in ``text_windows``. ``reference``: the
     reference's log-probabilities from ``reference_logprobs`` (same windows and batch size), to
-    skip its forward passes."""
+    skip its forward passes. ``windows (n, T)`` instead of ``tokens`` scores windows given as they
+    are, and ``first`` scores only the predictions from position ``first`` on (llama-perplexity's
+    protocol: chunks of ``n_ctx`` tokens, the second half of each scored)."""
     hf = unwrap(model)
     device = next(hf.parameters()).device
-    windows = text_windows(model, tokens, window)
+    windows = text_windows(model, tokens, window) if windows is None else windows
     n_windows = windows.shape[0]
     kl, agree, kl_null = [], [], []
     nll, count = 0.0, 0
@@ -109,7 +112,7 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor, applied, window: int
         for row in range(ids.shape[0]):
             ref = refs[row].to(device) if reference is not None else _logprobs(refs[row : row + 1])[0]
             q = ref if applied is None else _logprobs(qs[row : row + 1])[0]
-            target = ids[row, 1:]
+            ref, q, target = ref[first:], q[first:], ids[row, 1 + first:]
             nll -= float(q.gather(-1, target[:, None]).sum())
             count += target.numel()
             p = ref.exp()

@@ -125,27 +125,39 @@ class _Dense:
 def _mapping(hf: nn.Module, reader: GGUFReader):
     """transformers' processor for the file's architecture, and ``{GGUF tensor name: base parameter}``
     from the gguf package's tensor map (as transformers maps them, with the map built once)."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     arch = _field(reader, "general.architecture")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf.config.to_dict())
+    return processor, {g: p for p, g in tensor_names(hf, processor).items()}
+
+
+def tensor_names(model: nn.Module, processor=None) -> dict[str, str]:
+    """``{base parameter: its tensor's name in a GGUF file}`` as llama.cpp's converter names them
+    (the gguf package's tensor map), for a model with or without a file."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    hf = unwrap(model)
     model_type = _GGUF_NAMES.get(hf.config.model_type, hf.config.model_type)
     key = next((k for k, v in MODEL_ARCH_NAMES.items() if v == model_type), None)
     if key is None:
         raise ValueError(f"the gguf package knows no GGUF architecture for the base's type {hf.config.model_type!r}")
     names = get_tensor_name_map(key, resolve(hf).n_layers)
-    mapping = {}
+    out: dict[str, str] = {}
+    seen: set[str] = set()
     for hf_name in hf.state_dict():
-        name = processor.preprocess_name(hf_name)
+        name = processor.preprocess_name(hf_name) if processor is not None else hf_name
         stem, _, suffix = name.rpartition(".") if name.endswith((".weight", ".bias")) else (name, "", "")
         parts = stem.split(".")
         for k in range(len(parts)):  # the name, then without its leading module names
             gguf_name = names.get_name(".".join(parts[k:]))
             if gguf_name is not None:
-                mapping.setdefault(gguf_name + ("." + suffix if suffix else ""), hf_name)
+                full = gguf_name + ("." + suffix if suffix else "")
+                if full not in seen:  # the first parameter of a name keeps it (a tied head maps to the embedding)
+                    seen.add(full)
+                    out[hf_name] = full
                 break
-    return processor, mapping
+    return out
 
 
 # transformers' model types whose GGUF architecture is spelled otherwise
