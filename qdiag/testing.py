@@ -175,17 +175,19 @@ def _permute_for_gguf(w: np.ndarray, n_head: int, n_kv: int | None = None) -> np
 
 
 def write_gguf(model, tokenizer, path: str | Path, qtype: str = "Q8_0", norm_scale: float = 1.0) -> Path:
-    """A tiny Llama written as llama.cpp's converter would, with the ``gguf`` package: names from its
-    tensor map, q and k rows permuted, the decoder's matrices in ``qtype`` and everything else in
-    float32 (``qtype="F32"``: everything). ``norm_scale`` multiplies every norm weight (as AWQ folds
-    scales into norms)."""
+    """A tiny Llama or Qwen2 written as llama.cpp's converter would, with the ``gguf`` package: names
+    from its tensor map, Llama's q and k rows permuted (Qwen2's are not), the decoder's matrices in
+    ``qtype`` and everything else in float32 (``qtype="F32"``: everything). ``norm_scale``
+    multiplies every norm weight (as AWQ folds scales into norms)."""
     import gguf
 
     cfg = model.config
-    if cfg.model_type != "llama":
-        raise ValueError("write_gguf writes Llama models only")
+    archs = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+    if cfg.model_type not in archs:
+        raise ValueError(f"write_gguf writes {', '.join(archs)} models, not {cfg.model_type}")
+    permute = cfg.model_type == "llama"
     path = Path(path)
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[archs[cfg.model_type]])
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -198,14 +200,14 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "Q8_0", norm_sca
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     # padded to the embedding's rows, as llama.cpp's converter pads a vocabulary smaller than the model's
     writer.add_token_list(tokens + [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(archs[cfg.model_type], cfg.num_hidden_layers)
     t = gguf.GGMLQuantizationType[qtype.upper()]
     for name, p in model.state_dict().items():
         base, _, suffix = name.rpartition(".")
         w = p.detach().float().cpu().numpy()
-        if name.endswith("q_proj.weight"):
+        if permute and name.endswith("q_proj.weight"):
             w = _permute_for_gguf(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif permute and name.endswith("k_proj.weight"):
             w = _permute_for_gguf(w, cfg.num_attention_heads, cfg.num_key_value_heads)
         if "norm" in name:
             w = w * norm_scale

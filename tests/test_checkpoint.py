@@ -305,3 +305,13 @@ def test_a_hub_id_that_cannot_be_fetched_says_what_to_do(monkeypatch):
     assert not checkpoint.is_hub_id("/abs/model.gguf") and not checkpoint.is_hub_id("./local")
     with pytest.raises(FileNotFoundError, match="hub could not provide it .*pass the local path"):
         checkpoint.locate("org/model-GPTQ")
+
+
+def test_a_family_with_biases_keeps_its_quantized_matrices(tmp_path):
+    # Qwen2's q/k/v have biases: the bias of a matrix is not the matrix (it was read over it once)
+    qwen = wrap(tiny_model("qwen2", scale=4), tiny_tokenizer())
+    ckpt = checkpoint.read(qwen, write_gguf(unwrap(qwen), qwen.tokenizer, tmp_path / "q.gguf", "Q8_0"))
+    hf = unwrap(qwen)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        assert torch.equal(ckpt.weights.tensors[name].dequantize(), round_trip(hf.get_submodule(name).weight, "Q8_0"))
+    assert ckpt.changed == [] and ckpt.avg_bits == 8.5

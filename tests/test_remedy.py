@@ -98,3 +98,52 @@ def test_a_diagnosis_with_try_remedy_diagnoses_the_repaired_checkpoint(tmp_path,
     assert rows == [("gguf-Q4_0", None), ("gguf-Q4_0+protect", "gguf-Q4_0"), ("gguf-Q4_0+eora", "gguf-Q4_0")]
     bits = [c["avg_bits"] for c in diag.configurations]
     assert bits[0] == 4.5 and bits[1] > 4.5 and bits[2] > 4.5
+
+
+def _perturbed_embedding(tmp_path, qtype="Q8_0"):
+    import copy
+
+    from qdiag.testing import knowing_model
+
+    hf, tok, facts = knowing_model(layers=4, many=True)
+    other = copy.deepcopy(hf)
+    with torch.no_grad():
+        e = other.model.embed_tokens.weight
+        e.add_(torch.randn(e.shape, generator=torch.Generator().manual_seed(0)) * e.std())
+    return wrap(hf, tok), facts, write_gguf(other, tok, tmp_path / "emb.gguf", qtype), hf
+
+
+def test_restore_takes_the_named_tensor_from_the_base_and_leaves_the_rest(tmp_path):
+    lm, _, path, hf = _perturbed_embedding(tmp_path)
+    ckpt = checkpoint.read(lm, path)
+    assert ckpt.changed == ["model.embed_tokens.weight"]
+    fixed = remedy.restore(lm, ckpt, ["token_embd.weight"])
+    assert fixed.changed == [] and ckpt.changed == ["model.embed_tokens.weight"]  # the original is untouched
+    with fixed.weights.applied(lm):
+        assert torch.equal(hf.model.embed_tokens.weight, unwrap(wrap(hf, lm.tokenizer)).model.embed_tokens.weight)
+        ids = torch.tensor([[3, 7, 11, 2]])
+        restored = lm(input_ids=ids).logits
+    plain = checkpoint.read(lm, write_gguf(hf, lm.tokenizer, tmp_path / "plain.gguf", "Q8_0"))
+    with plain.weights.applied(lm):
+        assert torch.allclose(lm(input_ids=ids).logits, restored)  # the file the base itself gives
+    assert all(fixed.weights.tensors[n] is ckpt.weights.tensors[n] for n in resolve(lm).linear_names())
+    assert not fixed.format_report.verdict.eq("not quantization damage").any()
+    with pytest.raises(ValueError, match="no tensors blk.9"):
+        remedy.restore(lm, ckpt, ["blk.9.attn_q.weight"])
+
+
+def test_a_file_with_only_the_embedding_perturbed_is_prescribed_the_embedding(tmp_path):
+    """The issue's case: every decoder component computes as the reference's, answers are lost, and
+    the remedy names the embedding, gives no decoder advice, and its restored file gets them back."""
+    from qdiag.diagnosis import diagnose
+
+    lm, facts, path, hf = _perturbed_embedding(tmp_path)
+    plain = diagnose(lm, facts, [checkpoint_width(lm, str(write_gguf(hf, lm.tokenizer, tmp_path / "p.gguf")))],
+                     calib_ids(n=4, length=16), causal=False, progress=False).configurations[0]
+    diag = diagnose(lm, facts, [checkpoint_width(lm, str(path))], calib_ids(n=4, length=16), try_remedy=True,
+                    causal=False, progress=False)
+    first, restored = diag.configurations
+    assert first["remedy"]["actions"] == [{"repair": "restore", "tensors": ["token_embd.weight"]}]
+    assert "token_embd.weight" in first["remedy"]["text"] and "layers [" not in first["remedy"]["text"]
+    assert first["lost"] > plain["lost"] + 0.2
+    assert restored["method"] == "gguf-Q8_0+restore" and restored["lost"] == plain["lost"]

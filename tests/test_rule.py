@@ -65,3 +65,15 @@ def test_remedies_follow_the_verdict():
     degraded = rule.remedy("signal_degradation", layers.assign(position=layers.position / 3), 2, 4, quantized=True)
     assert [a["repair"] for a in degraded["actions"]] == ["eora", "protect_layers", "amplify"]
     assert rule.remedy("intact", layers, None, 4, quantized=True)["actions"] == []
+
+
+def test_damage_outside_the_decoder_is_named_with_no_decoder_advice():
+    quiet = pd.DataFrame({"layer": [0, 0, 1, 1], "component": ["attention", "mlp"] * 2, "position": [0.01, 0.0, 0.02, 0.0]})
+    r = rule.remedy("signal_degradation", quiet, 1, 2, quantized=True, outside=["token_embd.weight"])
+    assert r["actions"] == [{"repair": "restore", "tensors": ["token_embd.weight"]}]
+    assert "token_embd.weight" in r["text"] and "EoRA" not in r["text"]
+    # where a decoder component has moved, the restore comes first and the decoder's advice follows
+    moved = quiet.assign(position=[0.4, 0.1, 0.05, 0.0])
+    r = rule.remedy("signal_degradation", moved, 1, 2, quantized=True, not_quantization=["blk.1.ffn_down.weight"])
+    assert [a["repair"] for a in r["actions"]] == ["restore", "eora", "protect_layers"]
+    assert r["text"].startswith("Not quantization damage: blk.1.ffn_down.weight differs")

@@ -34,6 +34,7 @@ def parser(extra: Callable[[argparse._SubParsersAction], None] | None = None) ->
 
     analyses.register(command)
     diagnose.register(command)
+    diagnose.register_prescribe(command)
     if extra is not None:
         extra(sub)
     return p

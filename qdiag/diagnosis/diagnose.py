@@ -22,7 +22,7 @@ from ..core.arch import resolve
 from ..core.data import Fact
 from ..core.io import atomic_write_bytes, records, save_analysis
 from ..measure.widths import Width, check_configs, each_width, output_fidelity
-from ..quant import remedy
+from ..quant import format_check, remedy
 from ..quant.eora import eora, eora_avg_bits
 from ..quant.plan import avg_bits
 from ..quant.quantize import QuantSpec
@@ -131,31 +131,57 @@ def _judge(m: dict, fidelity: dict | None, w: Width, n_layers: int, seed: int) -
     if verdict == "intact":
         disagree = informative[informative.points_to == "computation_collapse"]
     lens_peak = int(m["lens_q"].mean(0).argmax())
+    outside, not_quantization = _outside(w)
     entry = {**w.label, "verdict": verdict, "score": value, "score_lo": lo, "score_hi": hi, "lost": lost,
              "lost_lo": lost_lo, "lost_hi": lost_hi, "n_prompts": int(m["correct"].size),
              "carried_by": carried, "first_domino": rule.first_domino(layers),
              "disagreements": disagree.probe.tolist(),
              "remedy": rule.remedy(verdict, layers, lens_peak, n_layers,
-                                   quantized=w.plan is not None or w.checkpoint is not None),
+                                   quantized=w.plan is not None or w.checkpoint is not None, outside=outside,
+                                   not_quantization=not_quantization),
              "evidence": records(ev)}
     if w.checkpoint is not None:
         entry["checkpoint"] = w.checkpoint.describe()
+        if w.checkpoint.format_report is not None:
+            entry["format_check"] = format_check.summary(w.checkpoint.format_report)
+            entry["not_quantization"] = records(format_check.flagged(w.checkpoint.format_report))
     return entry, ev, layers
+
+
+def _outside(w: Width) -> tuple[list[str], list[str]]:
+    """The checkpoint's tensors outside the decoder's matrices that differ from the base (by their
+    names in the file), and every tensor the format check finds is not quantization damage."""
+    ck = w.checkpoint
+    if ck is None:
+        return [], []
+    report = ck.format_report
+    flagged = list(format_check.flagged(report).file_name) if report is not None else []
+    folded = set(report[report.verdict == "holds folded input scales"].parameter) if report is not None else set()
+    outside = [ck.file_names.get(p, p) for p in ck.changed if p not in folded]
+    return outside, flagged
 
 
 def _remedies(model: nn.Module, w: Width, entry: dict, calib: torch.Tensor | None) -> list[Width]:
     """The suggested weight repairs of a quantized configuration, applied: one ``Width`` each. An
-    existing checkpoint gets them through ``quant.remedy`` (protected layers re-exported from the
-    base in the checkpoint's family, EoRA against the base); one that changed parameters outside its
-    matrices gets none (the report says why)."""
+    existing checkpoint gets them through ``quant.remedy``: first its tensors that are not
+    quantization damage (or that it changes outside its matrices) restored from the base, then, on
+    that, protected layers re-exported from the base in the checkpoint's family and EoRA against
+    the base; one whose matrices carry folded scales gets none of those (the report says why)."""
     if w.weights is None or (w.plan is None and w.checkpoint is None):
         return []
-    if w.checkpoint is not None and w.checkpoint.changed and entry["remedy"]["actions"]:
+    out = []
+    actions = entry["remedy"]["actions"]
+    restore = next((a for a in actions if a["repair"] == "restore"), None)
+    if restore is not None and w.checkpoint is not None:
+        ckpt = remedy.restore(model, w.checkpoint, restore["tensors"])
+        w = Width(f"{w.method}+restore", w.bits, w.group_size, w.sym, w.avg_bits, w.seconds,
+                  apply=ckpt.weights.applied, weights=ckpt.weights, checkpoint=ckpt)
+        out.append(w)
+    if w.checkpoint is not None and w.checkpoint.changed and any(a["repair"] != "restore" for a in actions):
         entry["remedy"]["text"] += (" Not applied here: this checkpoint changes parameters outside its quantized "
                                     "matrices (folded scales), so its matrices cannot be repaired against the base.")
-        return []
-    out = []
-    for action in entry["remedy"]["actions"]:
+        return out
+    for action in actions:
         if action["repair"] == "protect_layers" and action["layers"]:
             if w.checkpoint is not None:
                 names = resolve(model).linear_names(action["layers"])

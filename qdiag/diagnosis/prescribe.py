@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 
 from ..core.arch import resolve, unwrap, weight_matrix
 from ..core.io import atomic_write_bytes, records, save_analysis
-from ..measure import evaluate as ev
 from ..measure import fisher
+from ..measure.patch import Rerun
+from ..measure.readout import project
 from ..measure.widths import Width
 from ..quant import engines, gguf, llama_cpp
 from ..quant.allocate import Option, allocate, random_allocation
@@ -335,11 +336,20 @@ def _round(ref: torch.Tensor, kind: str, engine: str, group: int | None, tools, 
 
 def _measure_units(model: nn.Module, width: Width, tensors: dict, windows: torch.Tensor,
                    progress: bool) -> pd.DataFrame:
-    """Each unit's KL from the reference on ``windows`` with only that unit taken from the configuration."""
-    ref = ev.reference_logprobs(model, None, windows=windows)
+    """Each unit's KL from the reference on ``windows`` (every token after the first) with only that
+    unit taken from the configuration. The reference's layer inputs are recorded once, so a unit of
+    layer ``l`` reruns only layers ``l`` and above (the layers below it are the reference's)."""
+    hf = unwrap(model)
+    device = next(hf.parameters()).device
     by_unit: dict[str, list[str]] = {}
     for p, t in tensors.items():
         by_unit.setdefault(t.unit, []).append(p)
+    batches = []
+    for i in range(windows.shape[0]):
+        ids = windows[i : i + 1].to(device)
+        r = Rerun(model, {"input_ids": ids})
+        final = r.hidden_from(0)  # the reference's last hidden state: what the head reads
+        batches.append((ids, r, final, torch.log_softmax(project(hf, final)[0, :-1].float(), -1)))
     rows = []
     for unit, params in tqdm(by_unit.items(), desc="units", disable=not progress, leave=False):
         owners = [p.removesuffix(".weight") for p in params]
@@ -350,9 +360,21 @@ def _measure_units(model: nn.Module, width: Width, tensors: dict, windows: torch
         if not mats and not extras:
             rows.append({"unit": unit, "kl": 0.0, "top1_agreement": 1.0})
             continue
-        qw = QuantizedWeights({}, mats, extras=extras)
-        fid = ev.output_fidelity(model, None, qw.applied, windows=windows, reference=ref)
-        rows.append({"unit": unit, "kl": max(fid["kl"], 0.0), "top1_agreement": fid["top1_agreement"]})
+        kind, _, layer = unit.partition(" ")
+        kl, agree, n = 0.0, 0.0, 0
+        with QuantizedWeights({}, mats, extras=extras).applied(model):
+            for ids, r, final, ref in batches:
+                if kind == "embedding":  # its output feeds every layer: the whole model again
+                    logits = hf(input_ids=ids, use_cache=False).logits
+                elif kind == "head":
+                    logits = project(hf, final)
+                else:
+                    logits = project(hf, r.hidden_from(int(layer)))
+                q = torch.log_softmax(logits[0, :-1].float(), -1)
+                kl += float((ref.exp() * (ref - q)).sum())
+                agree += float((ref.argmax(-1) == q.argmax(-1)).sum())
+                n += ref.shape[0]
+        rows.append({"unit": unit, "kl": max(kl / n, 0.0), "top1_agreement": agree / n})
     return pd.DataFrame(rows)
 
 

@@ -144,20 +144,44 @@ def first_domino(layers: pd.DataFrame) -> dict | None:
 
 
 def remedy(verdict_: str, layers: pd.DataFrame, lens_peak: int | None, n_layers: int,
-           quantized: bool) -> dict:
-    """What the evidence suggests, as qdiag's own repairs (``actions``) and a sentence."""
+           quantized: bool, outside: list[str] = (), not_quantization: list[str] = ()) -> dict:
+    """What the evidence suggests, as qdiag's own repairs (``actions``) and a sentence.
+    ``outside``: tensors outside the decoder's matrices that the checkpoint changes (its embedding,
+    head, norms); ``not_quantization``: tensors the format check finds are not quantization damage.
+    Where no decoder component has moved (every local position under a tenth of the way) while
+    answers are lost, the damage is outside the decoder: the remedy names those tensors and gives
+    no decoder-layer advice."""
     per_layer = layers.groupby("layer").position.max()
     broken = [int(i) for i in per_layer.index[per_layer >= MIDPOINT]]
     few = max(1, n_layers // 4)
     actions: list[dict] = []
+    restore = list(dict.fromkeys([*not_quantization, *outside]))
+    lead = ""
+    if not_quantization:
+        lead = (f"Not quantization damage: {_listed(not_quantization)} "
+                f"{'differs' if len(not_quantization) == 1 else 'differ'} from the base far beyond "
+                "the format's rounding; re-export from the base. ")
     if verdict_ == "intact":
-        return {"actions": [], "text": "Nothing to repair: the output keeps the reference's answers."}
+        return {"actions": [], "text": lead + "Nothing to repair: the output keeps the reference's answers."}
+    moved = float(per_layer.max()) if len(per_layer) else 0.0
+    if verdict_ in ("signal_degradation", "transitional") and moved < INTACT and restore:
+        actions.append({"repair": "restore", "tensors": restore})
+        text = ("The decoder's components compute what the reference's do (the largest local position is "
+                f"{moved:.2f}), yet answers are lost: the damage is outside the decoder's matrices, in "
+                f"{_listed(restore)}, which the checkpoint changes"
+                + (" beyond its format's rounding" if not_quantization else "")
+                + ". Re-export those from the base (qdiag prescribe gives their formats); the decoder's layers "
+                "need nothing.")
+        return {"actions": actions, "text": text}
+    if restore:
+        actions.append({"repair": "restore", "tensors": restore})
     if verdict_ in ("signal_degradation", "transitional"):
         worst = per_layer.sort_values(ascending=False)
-        hot = [int(i) for i in worst.index[worst >= worst.iloc[0] / 2]][:few]
+        hot = [int(i) for i in worst.index[worst >= worst.iloc[0] / 2]][:few] if worst.iloc[0] >= INTACT else []
         if quantized:
             actions.append({"repair": "eora", "rank": 16})
-            actions.append({"repair": "protect_layers", "layers": sorted(hot), "bits": 8})
+            if hot:
+                actions.append({"repair": "protect_layers", "layers": sorted(hot), "bits": 8})
         if lens_peak is not None and lens_peak < n_layers - 1:
             actions.append({"repair": "amplify", "layer": int(lens_peak)})
         text = ("Components still work; the error acts as noise. Training-free compensation should help: "
@@ -165,16 +189,22 @@ def remedy(verdict_: str, layers: pd.DataFrame, lens_peak: int | None, n_layers:
             "Components still work, but this configuration offers no training-free repair to try."
         if verdict_ == "transitional":
             text += " If these do not bring the answers back, add bits: the evidence is on the edge of collapse."
-        return {"actions": actions, "text": text}
+        return {"actions": actions, "text": lead + text}
     if quantized and len(broken) <= few:
         actions.append({"repair": "protect_layers", "layers": broken, "bits": 8})
-        return {"actions": actions, "text": f"No training-free compensation: components break in layers {broken}. "
-                "Adding bits there (structural) is the one repair to try; otherwise retrain."}
-    return {"actions": actions, "text": "No training-free repair: components break in "
+        return {"actions": actions, "text": lead + f"No training-free compensation: components break in layers "
+                f"{broken}. Adding bits there (structural) is the one repair to try; otherwise retrain."}
+    return {"actions": actions, "text": lead + "No training-free repair: components break in "
             f"{len(broken)} of {n_layers} layers. Add bits or retrain (structural reconstruction)."}
 
 
+def _listed(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _describe(a: dict) -> str:
+    if a["repair"] == "restore":
+        return f"re-export {_listed(a['tensors'])} from the base"
     if a["repair"] == "eora":
         return f"low-rank compensation of the quantization error (EoRA, rank {a['rank']})"
     if a["repair"] == "protect_layers":

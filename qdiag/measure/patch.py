@@ -118,6 +118,16 @@ class Rerun:
             for h in handles:
                 h.remove()
 
+    @torch.no_grad()
+    def hidden_from(self, start: int) -> torch.Tensor:
+        """The last layer's output at every token, ``(batch, pos, d_model)``, with layers ``start`` and
+        above run again (as the model now is: weights swapped in since the record count) from what
+        layer ``start`` received."""
+        hidden = self.inputs[start]
+        for layer in range(start, len(self.layers)):
+            hidden = _first(self.layers[layer](hidden, *self.args[layer], **self.kwargs[layer]))
+        return hidden
+
     def _expand(self, x: object, copies: int) -> object:
         if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == self.batch_size and copies > 1:
             return x.repeat(copies, *([1] * (x.dim() - 1)))

@@ -59,7 +59,7 @@ def check(model: nn.Module, ckpt, rows: int = ROWS, tools=None) -> pd.DataFrame:
         owner, _, leaf = pname.rpartition(".")
         base = params[pname].detach()
         is_matrix = owner in ckpt.weights.tensors and leaf == "weight"
-        if owner not in linear and pname not in ckpt.changed:
+        if (owner not in linear or leaf != "weight") and pname not in ckpt.changed:
             out.append({**_row(pname, ckpt, kind, 0.0, 0.0, False), "matrix": False})
             continue
         w = weight_matrix(modules[owner]).detach() if is_matrix else base
@@ -85,7 +85,7 @@ def check(model: nn.Module, ckpt, rows: int = ROWS, tools=None) -> pd.DataFrame:
                           float((fmt_s - scaled).norm()) / norm, approx)
             if folded["verdict"] == "quantization":
                 row = {**folded, "verdict": "quantization, input scales folded in"}
-        out.append({**row, "matrix": owner in linear})
+        out.append({**row, "matrix": owner in linear and leaf == "weight"})
     table = pd.DataFrame(out, columns=["parameter", "file_name", "type", "error", "format_error", "ratio",
                                        "approximate", "verdict", "matrix"])
     if (table.verdict == "quantization, input scales folded in").any():  # the norms hold the scales' inverses

@@ -66,7 +66,7 @@ def read_gguf(model: nn.Module, path: Path, progress: bool = False) -> dict:
         tensor_types[pname], file_names[pname] = t.tensor_type.name, t.name
         h.update(repr((pname, t.tensor_type.name, shape)).encode())
         h.update(np.ascontiguousarray(t.data))  # the file's bytes, hashed where they lie (no copy)
-        if owner in linear:
+        if owner in linear and leaf == "weight":
             types[t.tensor_type.name] += int(np.prod(shape))
         conv = _is_conv1d(module)
         identity = order is not None and np.array_equal(order, np.arange(shape[0]))
@@ -86,7 +86,7 @@ def read_gguf(model: nn.Module, path: Path, progress: bool = False) -> dict:
             value = np.asarray(value, dtype=np.float32)
             w = torch.from_numpy(value if value.flags.writeable else value.copy()).reshape(base.shape)
             q = _Dense((w.t() if conv else w).to(base.device)) if leaf == "weight" and w.dim() == 2 else None
-        if owner in linear:
+        if owner in linear and leaf == "weight":
             tensors[owner] = q  # the quantization itself: always swapped in
             continue
         now = q.dequantize(torch.float32) if q is not None else w

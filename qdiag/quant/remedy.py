@@ -5,6 +5,9 @@ matrices qdiag did not quantize and cannot re-quantize with the checkpoint's own
   checkpoint's family (``Q8_0`` for a GGUF file, round to nearest at the checkpoint's group size for
   GPTQ / AWQ), as a user would re-export them; the other matrices keep the checkpoint's codes.
 - ``correct``: EoRA's low-rank compensation of each matrix's error against the base (``eora``).
+- ``restore``: tensors that are not quantization damage (the format check's) or that the checkpoint
+  changes outside its matrices, taken from the base again: in the file's own type where qdiag can
+  write it (llama.cpp's quantizer where its tools are built), else as the base's values.
 
 Each returns the repaired weights and their average storage bits per decoder weight (the
 checkpoint's real storage, scales included, plus what the repair adds). A checkpoint that changed
@@ -67,6 +70,51 @@ def storage_bits(model: nn.Module, ckpt: Checkpoint, high: dict[str, float] | No
             total_bits += 16 * out * cols
         total += out * cols
     return total_bits / total
+
+
+def restore(model: nn.Module, ckpt: Checkpoint, file_names: Sequence[str]) -> Checkpoint:
+    """A copy of the checkpoint with the tensors named (by their names in the file) re-exported
+    from the base (see the module's note); what it no longer changes leaves ``changed``."""
+    import dataclasses
+
+    from . import gguf, llama_cpp
+
+    by_file = {v: k for k, v in ckpt.file_names.items()}
+    unknown = [n for n in file_names if n not in by_file]
+    if unknown:
+        raise ValueError(f"the checkpoint has no tensors {', '.join(unknown[:3])}")
+    hf = unwrap(model)
+    tools = llama_cpp.find()
+    tensors, extras = dict(ckpt.weights.tensors), dict(ckpt.weights.extras)
+    restored = set()
+    for name in file_names:
+        pname = by_file[name]
+        owner = pname.rpartition(".")[0]
+        kind = ckpt.tensor_types.get(pname, "F32").upper()
+        extras.pop(pname, None)
+        old = ckpt.weights.tensors.get(owner)
+        if old is not None:
+            module = hf.get_submodule(owner)
+            w = weight_matrix(module).detach() if owner in resolve(model).linear_names() else module.weight.detach()
+            new = None  # the base's own values
+            if kind not in ("F32", "F16", "BF16") and ckpt.format == "gguf":
+                if tools is not None and w.shape[1] % gguf.block_size(kind) == 0:
+                    new = llama_cpp.quantize(w, kind, tools)
+                elif kind.lower() in gguf.TYPES:
+                    new = gguf.quantize_matrix(w, kind)
+            for o in [o for o, q in ckpt.weights.tensors.items() if q is old]:  # a tied head shares the table
+                if new is None:
+                    tensors.pop(o, None)
+                else:
+                    tensors[o] = new
+        restored.add(pname)
+    weights = QuantizedWeights({}, tensors, ckpt.weights.seconds, key=None, extras=extras)
+    report = ckpt.format_report
+    if report is not None:  # what was restored is the base's again
+        report = report.copy()
+        report.loc[report.parameter.isin(restored), ["verdict", "ratio"]] = ["restored from the base", 1.0]
+    return dataclasses.replace(ckpt, weights=weights, changed=[c for c in ckpt.changed if c not in restored],
+                               format_report=report)
 
 
 def check(ckpt: Checkpoint) -> None:
