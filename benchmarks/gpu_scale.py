@@ -52,8 +52,11 @@ def main() -> None:
     from qdiag.analyses.repair import run_repair
     from qdiag.analyses.representations import run_representations
     from qdiag.analyses.sensitivity import run_sensitivity
+    from qdiag.core import store
     from qdiag.core.models import check_placement, parse_max_memory, wrap
     from qdiag.diagnosis import diagnose
+    from qdiag.diagnosis.prescribe import prescribe
+    from qdiag.measure.widths import quantized_width
     from qdiag.quant.plan import uniform_plan
     from qdiag.quant.quantize import QuantSpec
     from qdiag.quant.quantizer import quantize_model
@@ -86,7 +89,17 @@ def main() -> None:
           f"{torch.cuda.get_device_name()}; GiB of weights per card: "
           f"{[round(on_card[i] / 2**30, 1) for i in cards]}", flush=True)
 
+    def digest() -> str:
+        store._DIGESTS.clear()  # remembered per model: measure computing it
+        return store.weights_digest(model)
+
+    def prescription():
+        w = quantized_width(model, QuantSpec(3, 128, method="rtn"), calib, progress=False)
+        return prescribe(model, w, calib, "+0.25bpw", "gptqmodel", kl_windows=2, fisher_windows=8, progress=False)
+
     runs = {
+        "weights digest (run-store key)": digest,
+        "prescribe (rtn 3-bit, gptqmodel, +0.25bpw)": prescription,
         "gptq 4-bit (quantize only)": lambda: quantize_model(
             model, uniform_plan(model, QuantSpec(4, 128, method="gptq")), calib, progress=False),
         "cliff (16/4/2, ppl + recall)": lambda: run_cliff(model, facts, specs, ppl, 512, calib, n_generations=2,

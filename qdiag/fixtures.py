@@ -32,17 +32,30 @@ def root() -> Path:
     return Path(os.environ.get("QDIAG_FIXTURES", cache_dir() / "fixtures")).expanduser()
 
 
-def tiny_gguf_model(seed: int = 0) -> torch.nn.Module:
-    """The tiny Llama the llama.cpp fixtures are made from (hidden size 256, 2 layers, seeded)."""
+def tiny_gguf_model(seed: int = 0, family: str = "llama", layers: int = 2) -> torch.nn.Module:
+    """The tiny Llama the llama.cpp fixtures are made from (hidden size 256, 2 layers, seeded), or
+    another family's model of the same size."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY), attn_implementation="eager")
+    config = AutoConfig.for_model(family, **{**TINY, "num_hidden_layers": layers})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model.eval().requires_grad_(False)
     for name, p in model.named_parameters():
         if ".layers." in name and p.dim() == 2:
             p.mul_(4)  # as testing.tiny_model(scale=4): attention that focuses
     return model
+
+
+def tiny_knowing_model(family: str = "llama", layers: int = 4, seed: int = 0):
+    """``(model, tokenizer, facts)``: ``tiny_gguf_model`` of ``family`` with the facts it answers
+    itself on the tiny tokenizer's prompts (``testing.knowing_model``, at the size llama.cpp's
+    k-quants fit)."""
+    from .testing import MORE_SUBJECTS, MORE_TEMPLATES, known_facts, tiny_tokenizer
+
+    model, tok = tiny_gguf_model(seed, family, layers), tiny_tokenizer()
+    model.get_output_embeddings().weight.data[len(tok):] = -1  # ids the tokenizer lacks are never answers
+    return model, tok, known_facts(model, tok, MORE_SUBJECTS, MORE_TEMPLATES)
 
 
 def llama_cpp_files(model: str = "smollm2", tools: Path | None = None, types: tuple[str, ...] | None = None,
@@ -78,6 +91,60 @@ def llama_cpp_files(model: str = "smollm2", tools: Path | None = None, types: tu
     if imatrix.exists():
         files["imatrix"] = imatrix
     return files
+
+
+def compressor_files(python: str | os.PathLike | None = None) -> dict[str, Path]:
+    """``{"base": float folder, "W4A16": checkpoint folder, "dequantized": safetensors}``: the tiny
+    Llama saved as a Hugging Face folder, quantized by llm-compressor's ``oneshot`` to W4A16 in its
+    own environment (``QDIAG_LLM_COMPRESSOR``: that environment's python), with compressed-tensors'
+    own de-quantization of every matrix; made where missing. Raises, saying how to make that
+    environment, when it is not there."""
+
+    python = python or os.environ.get("QDIAG_LLM_COMPRESSOR")
+    if not python or not Path(python).exists():
+        raise FileNotFoundError(f"no llm-compressor environment: {COMPRESSOR_ENV}")
+    return _tool_files(python, "llm-compressor", "W4A16", "llm_compressor_w4a16.py")
+
+
+def gptqmodel_files(python: str | os.PathLike | None = None) -> dict[str, Path]:
+    """``{"base", "GPTQ-w4g128", "dequantized"}``: as ``compressor_files``, by GPTQModel (4 bits, group
+    128, on random calibration ids) in its own environment (``QDIAG_GPTQMODEL``), with its own
+    de-quantization of every matrix."""
+    python = python or os.environ.get("QDIAG_GPTQMODEL")
+    if not python or not Path(python).exists():
+        raise FileNotFoundError(f"no GPTQModel environment: {GPTQMODEL_ENV}")
+    return _tool_files(python, "gptqmodel", "GPTQ-w4g128", "gptqmodel_w4g128.py")
+
+
+def _tool_files(python: str | os.PathLike, tool: str, kind: str, script: str) -> dict[str, Path]:
+    """The tiny Llama as a Hugging Face folder, and ``script`` (benchmarks/fixtures/) run on it with
+    the tool's python: its checkpoint and its own de-quantization, each made once, whole or not at all."""
+    import subprocess
+
+    folder = root() / tool / "tiny"
+    base, ckpt = folder / "base", folder / kind
+    if not (base / "config.json").exists():
+        from .testing import tiny_tokenizer
+
+        tiny_gguf_model().save_pretrained(base.with_suffix(".part"))
+        tiny_tokenizer().save_pretrained(base.with_suffix(".part"))
+        base.with_suffix(".part").replace(base)
+    if not (ckpt / "dequantized.safetensors").exists():
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "fixtures" / script
+        tmp = ckpt.with_suffix(".part")
+        done = subprocess.run([str(python), str(path), str(base), str(tmp)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{tool} could not make its fixture:\n{done.stderr[-3000:]}")
+        tmp.replace(ckpt)
+    return {"base": base, kind: ckpt, "dequantized": ckpt / "dequantized.safetensors"}
+
+
+GPTQMODEL_ENV = ("python -m venv --system-site-packages ~/.venvs/gptqmodel && BUILD_CUDA_EXT=0 "
+                 "~/.venvs/gptqmodel/bin/pip install 'gptqmodel==7.7.*', then set "
+                 "QDIAG_GPTQMODEL=~/.venvs/gptqmodel/bin/python")
+COMPRESSOR_ENV = ("python -m venv --system-site-packages ~/.venvs/llmc && ~/.venvs/llmc/bin/pip install "
+                  "'llmcompressor==0.14.*', then set QDIAG_LLM_COMPRESSOR=~/.venvs/llmc/bin/python "
+                  "(it pins transformers 5.15-5.17, hence its own environment)")
 
 
 def make_imatrix(f32: Path, out: Path, tools: Path, data: str | os.PathLike | None = None, chunks: int = 16,

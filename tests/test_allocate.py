@@ -74,3 +74,14 @@ def test_the_random_baseline_spends_the_budget_it_can(seed):
     assert all(o.bytes - choice[t].bytes > budget - spent for t, opts in options.items() for o in opts
                if o.bytes > choice[t].bytes)
     assert random_allocation(options, budget, seed) == choice
+
+
+def test_a_random_allocation_from_a_start_only_upgrades_it():
+    options = {t: [Option(k, b, d) for k, b, d in (("a", 10, 5.0), ("b", 20, 2.0), ("c", 40, 1.0))] for t in "xyz"}
+    start = {"x": "b", "y": "a", "z": "b"}
+    for seed in range(5):
+        choice = random_allocation(options, 60, seed, start=start)
+        assert sum(o.bytes for o in choice.values()) <= 60
+        assert all(choice[t].bytes >= next(o.bytes for o in options[t] if o.kind == k) for t, k in start.items())
+    # a start dearer than the budget is dropped for the cheapest formats
+    assert {o.kind for o in random_allocation(options, 30, 0, start={t: "c" for t in "xyz"}).values()} == {"a"}

@@ -68,7 +68,8 @@ def test_remedies_follow_the_verdict():
 
 
 def test_damage_outside_the_decoder_is_named_with_no_decoder_advice():
-    quiet = pd.DataFrame({"layer": [0, 0, 1, 1], "component": ["attention", "mlp"] * 2, "position": [0.01, 0.0, 0.02, 0.0]})
+    quiet = pd.DataFrame({"layer": [0, 0, 1, 1], "component": ["attention", "mlp"] * 2,
+                          "position": [0.01, 0.0, 0.02, 0.0]})
     r = rule.remedy("signal_degradation", quiet, 1, 2, quantized=True, outside=["token_embd.weight"])
     assert r["actions"] == [{"repair": "restore", "tensors": ["token_embd.weight"]}]
     assert "token_embd.weight" in r["text"] and "EoRA" not in r["text"]

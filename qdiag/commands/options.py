@@ -159,7 +159,8 @@ def configs(args: argparse.Namespace, exp, quantized: bool = False) -> list:
     read against the loaded model (refused there if it does not fit)."""
     from ..measure.widths import checkpoint_width, distinct_labels, quantized_only
 
-    found = distinct_labels(specs(args) + [checkpoint_width(exp.model, p, progress=not args.quiet)
+    # read and checked now, their weights read again one at a time as the analysis reaches them
+    found = distinct_labels(specs(args) + [checkpoint_width(exp.model, p, progress=not args.quiet, lazy=True)
                                            for p in args.quantized])
     for w in found[len(found) - len(args.quantized):]:
         if not args.quiet:

@@ -177,7 +177,7 @@ def _remedies(model: nn.Module, w: Width, entry: dict, calib: torch.Tensor | Non
         w = Width(f"{w.method}+restore", w.bits, w.group_size, w.sym, w.avg_bits, w.seconds,
                   apply=ckpt.weights.applied, weights=ckpt.weights, checkpoint=ckpt)
         out.append(w)
-    if w.checkpoint is not None and w.checkpoint.changed and any(a["repair"] != "restore" for a in actions):
+    if w.checkpoint is not None and remedy.blocking(w.checkpoint) and any(a["repair"] != "restore" for a in actions):
         entry["remedy"]["text"] += (" Not applied here: this checkpoint changes parameters outside its quantized "
                                     "matrices (folded scales), so its matrices cannot be repaired against the base.")
         return out

@@ -129,13 +129,39 @@ class Prescription:
 
     def reallocate(self, budget: int, kind: str = "best", seed: int = 0) -> dict[str, str]:
         """Another allocation of the same options: ``best`` (the prescription's method) or ``random``
-        (the baseline) at ``budget`` bytes; ``{parameter: format}``."""
-        choice = allocate(self.options, budget) if kind == "best" else random_allocation(self.options, budget, seed)
+        (the baseline: the bytes over the file's own formats spent on random upgrades) at ``budget``
+        bytes; ``{parameter: format}``."""
+        start = dict(zip(self.tensors.parameter, self.tensors["from"]))
+        choice = allocate(self.options, budget) if kind == "best" else \
+            random_allocation(self.options, budget, seed, start=start)
         return {t: o.kind for t, o in choice.items()}
 
     def bytes_of(self, allocation: dict[str, str]) -> int:
         """The bytes of an allocation of these tensors."""
         return sum(next(o.bytes for o in self.options[t] if o.kind == k) for t, k in allocation.items())
+
+    def file_allocation(self, ckpt) -> dict[str, str]:
+        """What a GGUF checkpoint of the same model stores these tensors in: ``{parameter: type}``
+        (another llama.cpp file, to compare with at its bytes)."""
+        if self.engine != "llama.cpp" or ckpt.format != "gguf":
+            raise ValueError("file_allocation reads llama.cpp files, for a llama.cpp prescription")
+        return {p: ckpt.tensor_types.get(p, "F32").upper() for p in self.tensors.parameter}
+
+    def bytes_in(self, allocation: dict[str, str]) -> int:
+        """The bytes of these tensors in any llama.cpp types (not only the menu's): rows x row bytes."""
+        t = self.tensors.set_index("parameter")
+        return int(sum(int(t.at[p, "rows"]) * llama_cpp.row_bytes(k, int(t.at[p, "cols"]))
+                       for p, k in allocation.items()))
+
+    def command(self, allocation: dict[str, str] | None = None, base_file: str = "BASE-F32.gguf",
+                out_file: str = "prescribed.gguf", tools: str = "llama-quantize") -> list[str]:
+        """The ``llama-quantize`` arguments that write ``allocation`` (the prescription's by default)."""
+        if self.engine != "llama.cpp":
+            raise ValueError(f"a {self.engine} prescription has no llama-quantize command")
+        tensors = {r.parameter: engines.Tensor(r.parameter, r.file_name, int(r.rows), int(r.cols), r.role, r.unit)
+                   for r in self.tensors.itertuples()}
+        return engines.llama_quantize_command(allocation or self.allocation, tensors, base_file, out_file,
+                                              self.imatrix, tools)
 
 
 def parse_budget(text: str, current: int, n_weights: int) -> int:
@@ -198,8 +224,9 @@ def prescribe(model: nn.Module, width: Width, calib: torch.Tensor, budget: str |
     for p, t in tqdm(tensors.items(), desc="formats", disable=not progress, leave=False):
         base = _base(modules, p).detach()
         idx, w = fisher.sample_rows(factors[p], base.shape[0], rows)
-        ref = base[idx].float()
+        ref = base[idx.to(base.device)].float()
         mine = _stored_rows(width, p, idx, modules)
+        mine = None if mine is None else mine.to(ref.device)
         per_tensor_file[p] = fisher.sampled_damage(factors[p], mine - ref, idx, w) if mine is not None else 0.0
         menu = engines.menu(engine, t, group, imatrix=bool(imat), types=types)
         kappa = 1.0
@@ -226,7 +253,8 @@ def prescribe(model: nn.Module, width: Width, calib: torch.Tensor, budget: str |
     choice = allocate(opt, target)
     for p, t in tensors.items():
         now_kind, now_bytes = current[p]
-        rows_out.append({"parameter": p, "file_name": t.file_name, "unit": t.unit, "role": t.role, "n": t.rows * t.cols,
+        rows_out.append({"parameter": p, "file_name": t.file_name, "unit": t.unit, "role": t.role, "rows": t.rows,
+                         "cols": t.cols, "n": t.rows * t.cols,
                          "from": now_kind, "to": choice[p].kind, "bytes_from": now_bytes, "bytes_to": choice[p].bytes,
                          "damage_from": scale[t.unit] * per_tensor_file[p], "damage_to": choice[p].damage})
     table = pd.DataFrame(rows_out)
@@ -423,7 +451,8 @@ def _text(p: Prescription, outside: float, not_quantization: list[str]) -> str:
         said = "; ".join(f"{k}: {_names(v)}" for k, v in grouped.items())
         parts.append(f"Give more bits where the measured damage is: {said}.")
         if len(down):
-            parts.append(f"{len(down)} tensors where little damage was measured take fewer bits to pay for it.")
+            parts.append(f"{len(down)} tensor{'s' if len(down) > 1 else ''} where little damage was measured "
+                         f"take{'' if len(down) > 1 else 's'} fewer bits to pay for it.")
     parts.append(f"That is {s['bytes_to']:,} bytes ({s['bpw_to']:.2f} bits per weight) against {s['bytes_from']:,} "
                  f"({s['bpw_from']:.2f}); predicted KL from the reference {s['predicted_kl_to']:.4f} against "
                  f"{s['measured_kl_from']:.4f} measured now, units taken one at a time.")

@@ -147,7 +147,8 @@ def remedy(verdict_: str, layers: pd.DataFrame, lens_peak: int | None, n_layers:
            quantized: bool, outside: list[str] = (), not_quantization: list[str] = ()) -> dict:
     """What the evidence suggests, as qdiag's own repairs (``actions``) and a sentence.
     ``outside``: tensors outside the decoder's matrices that the checkpoint changes (its embedding,
-    head, norms); ``not_quantization``: tensors the format check finds are not quantization damage.
+    head, norms; rounded in its format or not); ``not_quantization``: tensors the format check finds
+    are not quantization damage.
     Where no decoder component has moved (every local position under a tenth of the way) while
     answers are lost, the damage is outside the decoder: the remedy names those tensors and gives
     no decoder-layer advice."""
@@ -173,8 +174,8 @@ def remedy(verdict_: str, layers: pd.DataFrame, lens_peak: int | None, n_layers:
                 + ". Re-export those from the base (qdiag prescribe gives their formats); the decoder's layers "
                 "need nothing.")
         return {"actions": actions, "text": text}
-    if restore:
-        actions.append({"repair": "restore", "tensors": restore})
+    if not_quantization:  # the decoder moved: only what is not rounding is restored before its repairs
+        actions.append({"repair": "restore", "tensors": list(not_quantization)})
     if verdict_ in ("signal_degradation", "transitional"):
         worst = per_layer.sort_values(ascending=False)
         hot = [int(i) for i in worst.index[worst >= worst.iloc[0] / 2]][:few] if worst.iloc[0] >= INTACT else []

@@ -80,9 +80,12 @@ class Width:
         return QuantSpec(self.bits, self.group_size, self.sym, self.method)
 
     def release(self) -> None:
-        """Drop the quantized weights (the label stays)."""
+        """Drop the quantized weights (the label stays; a checkpoint keeps what describes it, and
+        ``each_width`` reads its weights again when the loop reaches it)."""
         if self.weights is not None:
             self.weights, self.plan, self.apply = None, None, _released
+        if self.checkpoint is not None and self.checkpoint.weights is not None:
+            self.checkpoint = dataclasses.replace(self.checkpoint, weights=None)
 
     def applied(self, model: nn.Module) -> AbstractContextManager:
         """Run ``model`` as this configuration inside the block; the reference again after it."""
@@ -104,14 +107,25 @@ def quantized_width(model: nn.Module, spec: QuantSpec, calib: torch.Tensor | Non
                  apply=qw.applied, weights=qw, plan=plan, key=qw.key)
 
 
-def checkpoint_width(model: nn.Module, path: str, progress: bool = False) -> Width:
+def checkpoint_width(model: nn.Module, path: str, progress: bool = False, lazy: bool = False) -> Width:
     """An existing quantized checkpoint of ``model`` (a GGUF file, a GPTQ / AWQ / compressed-tensors
     folder, or a hub id) as a configuration: its matrices swapped in packed, labelled by its format
-    (``gguf-Q4_K``, ``gptq-ckpt``) and its storage bits per weight."""
+    (``gguf-Q4_K``, ``gptq-ckpt``) and its storage bits per weight. ``lazy``: read and checked now,
+    its weights released at once and read again when ``each_width`` reaches it, so that a list of
+    many checkpoints holds one checkpoint's weights at a time."""
     t0 = time.perf_counter()
     ckpt = checkpoint.read(model, path, progress=progress)
-    return Width(ckpt.method, ckpt.bits, ckpt.group_size, None, ckpt.avg_bits, time.perf_counter() - t0,
-                 apply=ckpt.weights.applied, weights=ckpt.weights, key=ckpt.weights.key, checkpoint=ckpt)
+    w = Width(ckpt.method, ckpt.bits, ckpt.group_size, None, ckpt.avg_bits, time.perf_counter() - t0,
+              apply=ckpt.weights.applied, weights=ckpt.weights, key=ckpt.weights.key, checkpoint=ckpt)
+    if lazy:
+        w.release()
+    return w
+
+
+def _reread(model: nn.Module, w: Width, progress: bool) -> Width:
+    """A released checkpoint's configuration with its weights read again (its label kept)."""
+    again = checkpoint_width(model, w.checkpoint.path, progress=progress)
+    return dataclasses.replace(again, method=w.method)
 
 
 def distinct_labels(configs: list[QuantSpec | Width]) -> list[QuantSpec | Width]:
@@ -162,6 +176,11 @@ def quantized_only(configs: Sequence[QuantSpec | Width]) -> list[QuantSpec | Wid
 
 def _each(model: nn.Module, configs: list, calib: torch.Tensor | None, progress: bool, desc: str) -> Iterator[Width]:
     for c in tqdm(configs, desc=desc, disable=not progress):
+        if isinstance(c, Width) and c.checkpoint is not None and c.weights is None:
+            w = _reread(model, c, progress=False)  # a lazy checkpoint: held only while the loop is on it
+            yield w
+            w.release()
+            continue
         if isinstance(c, Width):
             yield c
             continue

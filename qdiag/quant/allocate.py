@@ -100,11 +100,18 @@ def _gain(h: list[Option], i: int) -> float:
     return (h[i].damage - h[i + 1].damage) / max(h[i + 1].bytes - h[i].bytes, 1)
 
 
-def random_allocation(options: dict[str, list[Option]], budget: int, seed: int = 0) -> dict[str, Option]:
-    """The baseline: every tensor at its cheapest option, then upgrades drawn at random (a random
-    tensor to a random dearer option) taken while they fit, until none does."""
+def random_allocation(options: dict[str, list[Option]], budget: int, seed: int = 0,
+                      start: dict[str, str] | None = None) -> dict[str, Option]:
+    """The baseline: every tensor at its cheapest option (or at its format in ``start``, where the
+    menu has it: the same bytes over a file spent at random), then upgrades drawn at random (a
+    random tensor to a random dearer option) taken while they fit, until none does."""
     rng = random.Random(seed)
     choice = {t: min(opts, key=lambda o: (o.bytes, o.damage)) for t, opts in options.items()}
+    if start:
+        for t, kind in start.items():
+            choice[t] = next((o for o in options.get(t, []) if o.kind == kind), choice.get(t))
+        if sum(o.bytes for o in choice.values()) > budget:
+            choice = {t: min(opts, key=lambda o: (o.bytes, o.damage)) for t, opts in options.items()}
     left = budget - sum(o.bytes for o in choice.values())
     if left < 0:
         raise ValueError(f"the budget of {budget:,} bytes is below the cheapest formats' {budget - left:,}")

@@ -74,7 +74,9 @@ def storage_bits(model: nn.Module, ckpt: Checkpoint, high: dict[str, float] | No
 
 def restore(model: nn.Module, ckpt: Checkpoint, file_names: Sequence[str]) -> Checkpoint:
     """A copy of the checkpoint with the tensors named (by their names in the file) re-exported
-    from the base (see the module's note); what it no longer changes leaves ``changed``."""
+    from the base (see the module's note): in the file's type where the format check found the
+    tensor is not its rounding, at ``Q8_0`` where it is (that type is what lost the answers);
+    what it no longer changes leaves ``changed``."""
     import dataclasses
 
     from . import gguf, llama_cpp
@@ -86,11 +88,15 @@ def restore(model: nn.Module, ckpt: Checkpoint, file_names: Sequence[str]) -> Ch
     hf = unwrap(model)
     tools = llama_cpp.find()
     tensors, extras = dict(ckpt.weights.tensors), dict(ckpt.weights.extras)
+    report = ckpt.format_report
+    verdicts = dict(zip(report.parameter, report.verdict)) if report is not None else {}
     restored = set()
     for name in file_names:
         pname = by_file[name]
         owner = pname.rpartition(".")[0]
         kind = ckpt.tensor_types.get(pname, "F32").upper()
+        if verdicts.get(pname) == "quantization" and kind not in ("F32", "F16", "BF16", "Q8_0"):
+            kind = "Q8_0"
         extras.pop(pname, None)
         old = ckpt.weights.tensors.get(owner)
         if old is not None:
@@ -117,10 +123,20 @@ def restore(model: nn.Module, ckpt: Checkpoint, file_names: Sequence[str]) -> Ch
                                format_report=report)
 
 
+def blocking(ckpt: Checkpoint) -> list[str]:
+    """The parameters outside the decoder's matrices that the checkpoint changes other than by
+    rounding them in its format (a quantized token embedding or head is the base's, rounded)."""
+    report = ckpt.format_report
+    verdicts = dict(zip(report.parameter, report.verdict)) if report is not None else {}
+    return [c for c in ckpt.changed
+            if c.rpartition(".")[0] not in ckpt.weights.tensors or verdicts.get(c) != "quantization"]
+
+
 def check(ckpt: Checkpoint) -> None:
     """Raise when the checkpoint cannot be repaired against its base (see the module's note)."""
-    if ckpt.changed:
-        raise ValueError(f"{ckpt.path} changes {len(ckpt.changed)} parameters outside its quantized matrices "
-                         f"({', '.join(ckpt.changed[:3])}{', ...' if len(ckpt.changed) > 3 else ''}), as AWQ's folded "
+    changed = blocking(ckpt)
+    if changed:
+        raise ValueError(f"{ckpt.path} changes {len(changed)} parameters outside its quantized matrices "
+                         f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}), as AWQ's folded "
                          "scales do: its matrices are not the base's weights quantized, so qdiag cannot repair them "
                          "against the base")

@@ -68,3 +68,41 @@ def pareto_figure(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncol=3)
     fig.suptitle(title or "Repairs against uniform quantization at the same bits")
     return fig
+
+
+_ROWS = {"file": ("the user's file", "X", "0.2"), "comparator": ("llama.cpp's file at that size", "s", "#0173b2"),
+         "prescription": ("qdiag's prescription", "o", "#d55e00"), "random": ("random allocation", "v", "0.6"),
+         "eora": ("EoRA on the user's file", "D", "#029e73")}
+
+
+def equal_bytes_figure(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Answers lost (top, with 95% intervals) and KL to the reference (bottom, log scale) against
+    the bytes of the tensors a prescription may change: at each size llama.cpp offers (a grey band
+    per group, labelled), its own file, the prescription and the other rows at the same bytes."""
+    fig, axes = plt.subplots(2, 1, figsize=(8.5, 7.6), constrained_layout=True, sharex=True)
+    mb = table.bytes / 1e6
+    for ax, col in zip(axes, ("lost", "kl")):
+        for group, g in table[table.row != "file"].groupby("group", sort=False):
+            lo, hi = g.bytes.min() / 1e6, g.bytes.max() / 1e6
+            pad = 0.004 * mb.max()
+            ax.axvspan(lo - pad, hi + pad, color="0.93", zorder=0)
+            if col == "lost":
+                ax.annotate(group, ((lo + hi) / 2, 1.02), ha="center", va="bottom", fontsize=8,
+                            xycoords=("data", "axes fraction"))
+        for row, (label, marker, color) in _ROWS.items():
+            d = table[table.row == row]
+            if d.empty:
+                continue
+            y = d[col]
+            err = None if col != "lost" else [y - d.lost_lo, d.lost_hi - y]
+            ax.errorbar(d.bytes / 1e6, y, yerr=err, fmt=marker, color=color, capsize=2, ms=7 if row != "random" else 5,
+                        label=label, alpha=0.9, lw=1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of the reference's\nright answers lost")
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("KL to the reference (nats/token)")
+    axes[1].set_xlabel("bytes of the decoder's matrices, token embedding and head (MB)")
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncol=3)
+    fig.suptitle(title or "The prescription against the alternatives at equal bytes", y=1.04)
+    return fig
