@@ -118,6 +118,21 @@ def test_quantization_verdicts_follow_bits_and_are_saved(world, tmp_path):
     assert "| RTN 2-bit g32 |" in (tmp_path / "diagnosis.md").read_text()
 
 
+def test_the_evidence_does_not_depend_on_the_batch_size():
+    hf, tok, facts = knowing_model("llama", 1, layers=4, scale=4.0, many=True, min_facts=20)
+    lm = wrap(hf, tok)
+    configs = [QuantSpec(3, 32), pt.scrambled_gates(lm, [1])]
+    small, large = (diagnose(lm, facts, configs, causal=True, batch_size=b, progress=False) for b in (3, 64))
+    assert small.meta["n_prompts"] == large.meta["n_prompts"] > 3  # several batches against one
+    for a, b in zip(small.configurations, large.configurations):
+        assert a["verdict"] == b["verdict"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4) and a["lost"] == b["lost"]
+        assert set(a["seconds"]) == {"made", "measured"} and a["seconds"]["measured"] > 0
+    ev = small.evidence.merge(large.evidence, on=["method", "bits", "probe"], suffixes=("_s", "_l"))
+    assert len(ev) == len(small.evidence)
+    assert np.allclose(ev.value_s.astype(float), ev.value_l.astype(float), atol=1e-4, equal_nan=True)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_diagnose_runs_end_to_end_on_every_family(family):
     hf, tok, facts = knowing_model(family, 0, layers=2, min_facts=1, many=True)

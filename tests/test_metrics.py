@@ -94,6 +94,19 @@ def test_error_alignment_of_isotropic_noise_is_about_k_over_d():
     assert M.error_alignment(signal, signal, k=k) == 0  # no error at all
 
 
+@pytest.mark.parametrize("n,d", [(20, 40), (300, 40)])  # fewer samples than features (SVD), more (eigh)
+def test_principal_directions_span_the_svds(n, d):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 5, generator=g) @ torch.randn(5, d, generator=g) * 4 + torch.randn(n, d, generator=g)
+    x = x + 10  # the mean is removed first
+    vh = torch.linalg.svd(x.double() - x.double().mean(0), full_matrices=False).Vh[:8].t()
+    u = M.principal_directions(x, 8)
+    assert u.shape == (d, 8)
+    assert torch.allclose(u.t() @ u, torch.eye(8, dtype=u.dtype), atol=1e-8)
+    assert M.subspace_similarity(u, vh) == pytest.approx(1, abs=1e-8)
+    assert M.activation_subspace_similarity(x, x + 1e-3, 8, x_dirs=u) == pytest.approx(1, abs=1e-6)
+
+
 @pytest.mark.parametrize("n,d", [(30, 50), (80, 12)])  # both code paths: Gram (n <= d) and features
 def test_cka_matrix_matches_pairwise(n, d):
     g = torch.Generator().manual_seed(1)

@@ -16,7 +16,7 @@ def register(command) -> None:
                     help="triage: only what one forward per configuration gives (no patching, ablation, injection)")
     di.add_argument("--max-prompts", type=o.positive, default=None, help="at most this many reference-right prompts")
     di.add_argument("--max-tokens", type=o.positive, default=2048, help="token rows for the representation probes")
-    di.add_argument("--batch-size", type=o.positive, default=16)
+    di.add_argument("--batch-size", type=o.positive, default=64, help="prompts per forward (memory grows with it)")
     di.add_argument("--try-remedy", action="store_true", help="apply the suggested weight repairs and diagnose again")
     di.set_defaults(ppl_tokens=2048, default_bits=[8, 4, 3, 2])
 

@@ -10,6 +10,7 @@ starts, and what to try.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ class Diagnosis:
 
 def diagnose(model: nn.Module, facts: list[Fact], configs: Sequence[QuantSpec | Width],
              calib: torch.Tensor | None = None, ppl_tokens: torch.Tensor | None = None, ppl_window: int = 512,
-             causal: bool = True, batch_size: int = 16, max_prompts: int | None = None, max_tokens: int = 2048,
+             causal: bool = True, batch_size: int = 64, max_prompts: int | None = None, max_tokens: int = 2048,
              try_remedy: bool = False, seed: int = 0, progress: bool = True) -> Diagnosis:
     """Diagnose each configuration against the reference on the prompts of ``facts`` it answers
     right. ``causal=False`` is the triage: the verdict's probes and everything one forward per
@@ -75,17 +76,22 @@ def diagnose(model: nn.Module, facts: list[Fact], configs: Sequence[QuantSpec | 
     suggested weight repairs (protection, EoRA) and diagnoses each repaired model too."""
     configs = check_configs(model, configs)
     n_layers = resolve(model).n_layers
+    t0 = time.perf_counter()
     state = reference_state(model, facts, batch_size, max_prompts, max_tokens, causal, seed, progress)
+    reference_seconds = time.perf_counter() - t0
     entries, evidence, layers = [], [], []
 
     def one(w: Width, remedy_of: dict | None = None) -> dict:
         # a repaired model needs its verdict, not the causal probes: it gets the triage
+        t0 = time.perf_counter()
         m = measure(model, state, w, causal and remedy_of is None, max_tokens, progress)
         fid = output_fidelity(model, ppl_tokens, w, ppl_window) if ppl_tokens is not None and \
             ppl_tokens.numel() >= ppl_window else None
         entry, ev, lay = _judge(m, fid, w, n_layers, seed)
         entry["remedy_of"] = remedy_of
         entry["fidelity"] = fid
+        # made (quantized or read) and measured: what each configuration costs beyond the reference's share
+        entry["seconds"] = {"made": round(w.seconds, 2), "measured": round(time.perf_counter() - t0, 2)}
         entries.append(entry)
         label = {k: entry[k] for k in LABEL}
         evidence.append(ev.assign(**label))
@@ -102,7 +108,8 @@ def diagnose(model: nn.Module, facts: list[Fact], configs: Sequence[QuantSpec | 
     order = list(LABEL)
     return Diagnosis(entries, ev[order + [c for c in ev.columns if c not in order]],
                      lay[order + [c for c in lay.columns if c not in order]],
-                     {"n_prompts": state.n_prompts, "n_layers": n_layers, "causal": causal})
+                     {"n_prompts": state.n_prompts, "n_layers": n_layers, "causal": causal,
+                      "reference_seconds": round(reference_seconds, 2)})
 
 
 def _judge(m: dict, fidelity: dict | None, w: Width, n_layers: int, seed: int) -> tuple[dict, pd.DataFrame,

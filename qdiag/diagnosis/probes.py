@@ -40,6 +40,7 @@ from ..measure.widths import Reference, Width
 POSITIONS = ("last_subject", "last")
 TOP_FRACTION = 0.01
 SUBSPACE_K = 50
+LENS_ROWS = 128  # hidden states read through the unembedding per product
 
 
 @dataclass
@@ -66,11 +67,12 @@ class ReferenceState:
     n_layers: int
     vocab: int
     rows_ref: list[torch.Tensor] = field(default_factory=list)  # per layer (tokens, d_model), pooled
+    dirs_ref: list[torch.Tensor] = field(default_factory=list)  # per layer, rows_ref's top SUBSPACE_K directions
     d_mlp: int = 0
     cka_null: float = float("nan")  # mean over layers: CKA of the reference with its tokens shuffled
 
 
-def reference_state(model: nn.Module, facts: list[Fact], batch_size: int = 16, max_prompts: int | None = None,
+def reference_state(model: nn.Module, facts: list[Fact], batch_size: int = 64, max_prompts: int | None = None,
                     max_tokens: int = 2048, causal: bool = True, seed: int = 0,
                     progress: bool = False) -> ReferenceState:
     """Score every prompt of ``facts`` with the reference, keep those it answers right (at most
@@ -99,6 +101,7 @@ def reference_state(model: nn.Module, facts: list[Fact], batch_size: int = 16, m
         n_rows = _pool(state.rows_ref, cap, b.real, n_rows, max_tokens)
         state.batches.append(b)
     state.rows_ref = [torch.cat(r) for r in state.rows_ref]
+    state.dirs_ref = [M.principal_directions(r, SUBSPACE_K) for r in state.rows_ref]
     state.d_mlp = state.batches[0].cap.gate[0].shape[-1]
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(state.rows_ref[0].shape[0], generator=g)
@@ -118,8 +121,11 @@ def _pool(rows: list[list], cap: Capture, real: torch.Tensor, n: int, max_tokens
 def _lens(model: nn.Module, cap: Capture, answer: torch.Tensor) -> torch.Tensor:
     """``(B, layers)`` probability of the answer when each layer's residual stream at the last token
     is read through the final norm and unembedding."""
-    return torch.stack([answer_prob(project(model, cap.resid[layer][:, -1]), answer)
-                        for layer in sorted(cap.resid)], 1)
+    last = torch.stack([cap.resid[layer][:, -1] for layer in sorted(cap.resid)])  # (layers, B, d_model)
+    # a few layers per product: as fast as one large product, without a (layers, B, vocab) array
+    step = max(1, LENS_ROWS // last.shape[1])
+    return torch.cat([answer_prob(project(model, last[i : i + step]), answer)
+                      for i in range(0, len(last), step)]).t()
 
 
 def _sweep(run: Rerun, b: _Batch, n_layers: int, make) -> torch.Tensor:
@@ -175,8 +181,10 @@ def measure(model: nn.Module, state: ReferenceState, width: Width, causal: bool 
             with capturing(model) as qcap:
                 qrun = Rerun(model, b.enc)
             with capturing(model, mlp_inputs=b.cap.mlp_in) as loc:
-                for layer in range(n_layers):  # each layer on the reference's input
+                for layer in range(n_layers):  # each layer on the reference's input, read and dropped
                     b.run.layers[layer](b.run.inputs[layer], *b.run.args[layer], **b.run.kwargs[layer])
+                    _local(local, layer, b, loc)
+                    loc.drop(layer)
             if causal:
                 out["patched"].append(_sweep(qrun, b, n_layers, lambda layer, pos: Edit(
                     layer, "resid", b.idx[pos], _at(b.cap.resid[layer], b, pos))))
@@ -193,7 +201,6 @@ def measure(model: nn.Module, state: ReferenceState, width: Width, causal: bool 
         out["lens_q"].append(_lens(model, qcap, b.answer))
         out["lens_ref"].append(b.lens_ref)
         for layer in range(n_layers):
-            _local(local, layer, b, loc)
             _propagated(prop, layer, b, qcap)
         n_rows = _pool(rows_q, qcap, b.real, n_rows, max_tokens)
     res = {f"local_{k}": _stack(v) for k, v in local.items()}
@@ -207,10 +214,10 @@ def measure(model: nn.Module, state: ReferenceState, width: Width, causal: bool 
             res[k] = torch.cat(out[k], -1).numpy()  # (layers, positions, prompts)
     rows_q = [torch.cat(r) for r in rows_q]
     k = min(SUBSPACE_K, *state.rows_ref[0].shape)
-    res["cka"] = float(np.mean([M.linear_cka(a, b) for a, b in zip(state.rows_ref, rows_q)]))
-    res["subspace"] = float(np.mean([M.activation_subspace_similarity(a, b, k)
-                                     for a, b in zip(state.rows_ref, rows_q)]))
-    res["alignment"] = float(np.mean([M.error_alignment(a, b, k) for a, b in zip(state.rows_ref, rows_q)]))
+    pairs = list(zip(state.rows_ref, rows_q, state.dirs_ref))
+    res["cka"] = float(np.mean([M.linear_cka(a, b) for a, b, _ in pairs]))
+    res["subspace"] = float(np.mean([M.activation_subspace_similarity(a, b, k, u) for a, b, u in pairs]))
+    res["alignment"] = float(np.mean([M.error_alignment(a, b, k, u) for a, b, u in pairs]))
     res.update(k_over_d=k / state.rows_ref[0].shape[1], cka_null=state.cka_null, d_mlp=state.d_mlp, vocab=state.vocab)
     return res
 

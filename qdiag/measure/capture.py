@@ -33,6 +33,11 @@ class Capture:
     mlp_out: dict[int, torch.Tensor] = field(default_factory=dict)
     resid: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def drop(self, layer: int) -> None:
+        """Forget one layer's tensors (a caller that reads layer by layer holds one at a time)."""
+        for store in (self.attn, self.attn_out, self.mlp_in, self.gate, self.mlp_out, self.resid):
+            store.pop(layer, None)
+
 
 def _first(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output

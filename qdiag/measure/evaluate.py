@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..core.arch import unwrap
 from ..core.data import Fact, bos_id
-from .readout import prob_and_rank
+from .readout import last_logits, prob_and_rank
 
 
 def text_windows(model: nn.Module, tokens: torch.Tensor, window: int) -> torch.Tensor:
@@ -129,7 +129,7 @@ def output_fidelity(model: nn.Module, tokens: torch.Tensor | None, applied, wind
 
 def scoring_code() -> tuple:
     """The functions prompt scores depend on, for the run store's keys."""
-    return (prompt_table, answer_token, encode_prompts, score_prompts, prob_and_rank, unwrap)
+    return (prompt_table, answer_token, encode_prompts, score_prompts, last_logits, prob_and_rank, unwrap)
 
 
 def text_code() -> tuple:
@@ -178,7 +178,7 @@ def score_prompts(model: nn.Module, tokenizer, table: pd.DataFrame, batch_size: 
     for start in tqdm(range(0, len(order), batch_size), desc="recall", disable=not progress, leave=False):
         idx = order[start : start + batch_size]
         batch = encode_prompts(tokenizer, table.prompt.iloc[idx].tolist(), device)
-        logits = hf(**batch, use_cache=False).logits[:, -1].float()
+        logits = last_logits(hf, batch)
         prob, rank = prob_and_rank(logits, torch.tensor(table.answer_id.iloc[idx].to_numpy()))
         ranks.append(rank.cpu())
         probs.append(prob.cpu())

@@ -105,10 +105,14 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def principal_directions(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k right singular vectors of ``x (n, d)`` centred over samples: ``(d, k)``."""
+    """The top-k right singular vectors of ``x (n, d)`` centred over samples: ``(d, k)``. With more
+    samples than features they are the top eigenvectors of the ``d x d`` scatter matrix, which is
+    several times faster to decompose than ``x`` itself."""
     x = x.double() - x.double().mean(0)
     k = min(k, *x.shape)
-    return torch.linalg.svd(x, full_matrices=False).Vh[:k].t()
+    if x.shape[0] < x.shape[1]:
+        return torch.linalg.svd(x, full_matrices=False).Vh[:k].t()
+    return torch.linalg.eigh(x.t() @ x).eigenvectors[:, -k:].flip(-1)
 
 
 def subspace_similarity(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -118,19 +122,24 @@ def subspace_similarity(u: torch.Tensor, v: torch.Tensor) -> float:
     return float((s**2).sum() / min(u.shape[1], v.shape[1]))
 
 
-def activation_subspace_similarity(x: torch.Tensor, y: torch.Tensor, k: int = 50) -> float:
-    """Subspace similarity of the top-k principal directions of two activation matrices."""
-    return subspace_similarity(principal_directions(x, k), principal_directions(y, k))
+def activation_subspace_similarity(x: torch.Tensor, y: torch.Tensor, k: int = 50,
+                                   x_dirs: torch.Tensor | None = None) -> float:
+    """Subspace similarity of the top-k principal directions of two activation matrices
+    (``x_dirs``: ``principal_directions(x, k)``, when already computed)."""
+    u = principal_directions(x, k) if x_dirs is None else x_dirs
+    return subspace_similarity(u, principal_directions(y, k))
 
 
-def error_alignment(ref: torch.Tensor, other: torch.Tensor, k: int = 50) -> float:
+def error_alignment(ref: torch.Tensor, other: torch.Tensor, k: int = 50,
+                    ref_dirs: torch.Tensor | None = None) -> float:
     """How much of the error ``other - ref`` lies in ``ref``'s signal subspace: the subspace
-    similarity of the error's top-k principal directions with ``ref``'s. About k/d for isotropic
-    noise; near 1 when the error moves along the main features; 0 when there is no error."""
+    similarity of the error's top-k principal directions with ``ref``'s (``ref_dirs``, when already
+    computed). About k/d for isotropic noise; near 1 when the error moves along the main features;
+    0 when there is no error."""
     err = other.float() - ref.float()
     if not err.any():
         return 0.0
-    return activation_subspace_similarity(ref, err, k)
+    return activation_subspace_similarity(ref, err, k, ref_dirs)
 
 
 def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:

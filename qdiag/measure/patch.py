@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.arch import Arch, resolve, unwrap
-from .readout import project
+from .readout import last_logits, project
 
 SITES = ("resid", "attn", "mlp")
 
@@ -113,7 +113,7 @@ class Rerun:
             device = next(self.hf.parameters()).device
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
             with torch.no_grad():
-                self.logits = self.hf(**inputs, use_cache=False).logits[:, -1].float()
+                self.logits = last_logits(self.hf, inputs)
         finally:
             for h in handles:
                 h.remove()

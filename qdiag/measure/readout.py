@@ -8,6 +8,8 @@ the model's output.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -32,6 +34,14 @@ def project(model: nn.Module, hidden: torch.Tensor, final_norm: bool = True) -> 
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def last_logits(hf: nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's logits at the last position, ``(batch, vocab)`` in float32, with the head run
+    at that position only where the family's forward allows (``logits_to_keep``): a large
+    vocabulary's logits at every position are most of a short prompt's memory."""
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+    return hf(**inputs, **kwargs, use_cache=False).logits[:, -1].float()
 
 
 def prob_and_rank(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

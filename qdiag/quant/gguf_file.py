@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import mmap
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ def read_gguf(model: nn.Module, path: Path, progress: bool = False) -> dict:
             value = np.asarray(value, dtype=np.float32)
             w = torch.from_numpy(value if value.flags.writeable else value.copy()).reshape(base.shape)
             q = _Dense((w.t() if conv else w).to(base.device)) if leaf == "weight" and w.dim() == 2 else None
+        _drop_pages(reader, t)
         if owner in linear and leaf == "weight":
             tensors[owner] = q  # the quantization itself: always swapped in
             continue
@@ -106,6 +108,22 @@ def read_gguf(model: nn.Module, path: Path, progress: bool = False) -> dict:
     weights = QuantizedWeights(plan, tensors, 0.0, key=h.hexdigest(), extras=extras)
     return {"weights": weights, "types": dict(types), "avg_bits": avg, "changed": changed, "ignored": ignored,
             "tensor_types": tensor_types, "file_names": file_names}
+
+
+def _drop_pages(reader: GGUFReader, t) -> None:
+    """Unmap the file's pages of tensor ``t`` once it is copied out, so that reading a file holds
+    one tensor of it in memory at a time, not the whole mapped file (they are read again from the
+    file if touched). Where the platform cannot, the pages stay until the reader is dropped."""
+    buf = getattr(reader.data, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if buf is None or advice is None:
+        return
+    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(t.data_offset + t.n_bytes, len(buf))
+    try:
+        buf.madvise(advice, start, end - start)
+    except (OSError, ValueError):
+        pass
 
 
 @dataclass
