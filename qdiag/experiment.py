@@ -41,7 +41,8 @@ def prepare(model: str = DEFAULT_MODEL, *, n_facts: int | None = 200, known: int
     relation (``measure.screen``; 0 or None: no screening). ``ppl_tokens=0`` loads no perplexity
     text (analyses that do not measure perplexity). ``device_map`` / ``max_memory``: spread the
     model over several GPUs (``core.models.load_model``); ``device`` is then unused."""
-    lm = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    lm = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                    progress=progress)
     tok = lm.tokenizer
     pool = data.load_pararel(data_root)
     facts = data.sample_facts(pool, n_facts, seed=seed) if n_facts != 0 else []

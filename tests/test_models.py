@@ -78,3 +78,18 @@ def test_offloaded_weights_are_refused():
     hf.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
     with pytest.raises(ValueError, match="down_proj"):
         check_placement(hf)
+
+
+
+def test_progress_false_silences_the_gguf_loader(capsys):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from qdiag.core.models import _gguf_bar
+
+    bar = gguf_utils.tqdm
+    with _gguf_bar(False):
+        list(gguf_utils.tqdm(range(3), desc="Converting GGUF tensors"))
+    assert "GGUF" not in capsys.readouterr().err and gguf_utils.tqdm is bar
+    with _gguf_bar(True):
+        list(gguf_utils.tqdm(range(3), desc="Converting GGUF tensors"))
+    assert "GGUF" in capsys.readouterr().err  # the loader's own bar, shown by default

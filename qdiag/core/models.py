@@ -8,7 +8,10 @@ reference is itself a de-quantized 4-bit (Q4_1, group 32) model.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -116,13 +119,14 @@ def check_placement(hf: torch.nn.Module) -> None:
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
                device_map: str | dict | None = None, trust_remote_code: bool = False,
-               max_memory: str | dict | None = None):
+               max_memory: str | dict | None = None, progress: bool = True):
     """Load a causal LM and its tokenizer, wrapped for nnsight; returns the nnsight model.
 
     ``model.tokenizer`` is the tokenizer (left padding); ``qdiag.arch.unwrap(model)`` is the
     plain transformers module. ``device_map`` (``auto``, ``balanced``, ``sequential`` or an explicit
     module-to-device dict) spreads a large model over several GPUs, within ``max_memory`` per device
     (``"0=70GiB,1=70GiB"``); weights offloaded to the CPU or disk are refused (``check_placement``).
+    ``progress=False`` also silences transformers' bar over a GGUF file's tensors.
     """
     # nnsight and transformers take seconds to import: only when a model is loaded
     from nnsight.modeling.transformers import TransformersModel
@@ -147,7 +151,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}),
                                                   trust_remote_code=trust_remote_code)
-        hf = AutoModelForCausalLM.from_pretrained(where, device_map=device_map, **kwargs)
+        with _gguf_bar(progress and gguf is not None):
+            hf = AutoModelForCausalLM.from_pretrained(where, device_map=device_map, **kwargs)
     except OSError as err:
         raise ModelNotFoundError(f"could not load {name!r} from {where!r}: {err}") from err
     if device_map is None:
@@ -160,6 +165,23 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
+
+
+@contextmanager
+def _gguf_bar(shown: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar, which its progress-bar switch does not
+    reach: swap its module's ``tqdm`` for a silent one while loading."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    if shown or not hasattr(gguf_utils, "tqdm"):
+        yield
+        return
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def wrap(hf_model: torch.nn.Module, tokenizer) -> object:
