@@ -168,6 +168,28 @@ def test_the_diagnosis_tells_a_matched_pair_apart_on_the_default_model(known, br
     assert b["first_domino"]["component"] == ("mlp" if breaker == "scrambled_gates" else "attention")
 
 
+def test_the_float_copy_of_the_gguf_file_is_the_same_model(smollm, tmp_path, monkeypatch):
+    from qdiag.core import models
+
+    monkeypatch.setenv("QDIAG_MODEL_CACHE", str(tmp_path))
+    read, real = [], models._from_pretrained
+    monkeypatch.setattr(models, "_from_pretrained", lambda where, gguf, *a, **k: read.append(gguf) or
+                        real(where, gguf, *a, **k))
+    first, second = load_model("smollm2-135m"), load_model("smollm2-135m")
+    assert read == ["SmolLM2-135M-Instruct.Q4_1.gguf", None]  # the file, then its copy
+    assert digest(first) == digest(second) == smollm[1]
+    texts = ["The capital of France is", "  Der Hund läuft\tschnell\n", "<|im_start|>user\nhi<|im_end|>"]
+    assert second.tokenizer(texts).input_ids == smollm[0].tokenizer(texts).input_ids
+    assert second.tokenizer.chat_template == smollm[0].tokenizer.chat_template
+    x = smollm[0].tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(unwrap(second)(**x).logits, unwrap(smollm[0])(**x).logits)
+    (models.float_copy(default_gguf(), torch.float32) / "model.safetensors").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="does not load"):
+        third = load_model("smollm2-135m")  # a damaged copy: the file is read again
+    assert digest(third) == smollm[1] and read[-1] is not None
+
+
 def test_the_model_s_own_gguf_file_reads_back_as_the_reference(smollm):
     # transformers de-quantized this very file into the reference: reading it as a checkpoint
     # (packed, rows un-permuted by qdiag, the tied unembedding shared) must give the same weights

@@ -93,3 +93,47 @@ def test_progress_false_silences_the_gguf_loader(capsys):
     with _gguf_bar(True):
         list(gguf_utils.tqdm(range(3), desc="Converting GGUF tensors"))
     assert "GGUF" in capsys.readouterr().err  # the loader's own bar, shown by default
+
+
+def test_a_float_copy_loads_as_the_model_it_was_written_from(tmp_path):
+    from qdiag.core.models import _keep_float_copy
+
+    hf, tok = tiny_model("llama"), tiny_tokenizer()
+    folder = tmp_path / "copy"
+    _keep_float_copy(hf, tok, folder)
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    back = unwrap(load_model(str(folder)))
+    for (name, a), (_, b) in zip(hf.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folder left beside it
+
+
+def test_a_failed_float_copy_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from qdiag.core.models import _keep_float_copy
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.warns(UserWarning, match="No space left"):
+        _keep_float_copy(tiny_model("llama"), tiny_tokenizer(), tmp_path / "copy")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_float_copy_is_named_by_the_file_and_dtype(tmp_path, monkeypatch):
+    import os
+
+    from qdiag.core.models import float_copy
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setenv("QDIAG_MODEL_CACHE", str(tmp_path / "cache"))
+    first = float_copy(f, torch.float32)
+    assert first.parent == tmp_path / "cache" and first == float_copy(f, torch.float32)
+    assert float_copy(f, torch.bfloat16) != first
+    os.utime(f, ns=(1, 1))  # the file replaced: another copy
+    assert float_copy(f, torch.float32) != first
+    monkeypatch.setenv("QDIAG_MODEL_CACHE", "off")
+    assert float_copy(f, torch.float32) is None

@@ -8,6 +8,7 @@ reference is itself a de-quantized 4-bit (Q4_1, group 32) model.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,7 +131,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
     """
     # nnsight and transformers take seconds to import: only when a model is loaded
     from nnsight.modeling.transformers import TransformersModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -146,15 +146,24 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
         if device_map is None:
             raise ValueError("max_memory limits what device_map places on each device: give a device_map too")
         kwargs["max_memory"] = parse_max_memory(max_memory)
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}),
-                                                  trust_remote_code=trust_remote_code)
-        with _gguf_bar(progress and gguf is not None):
-            hf = AutoModelForCausalLM.from_pretrained(where, device_map=device_map, **kwargs)
-    except OSError as err:
-        raise ModelNotFoundError(f"could not load {name!r} from {where!r}: {err}") from err
+    kept = float_copy(Path(where) / gguf, dtype) if gguf else None
+    if kept is not None and kept.is_dir():
+        try:  # the float weights this GGUF file de-quantizes to, kept by an earlier load
+            tokenizer, hf = _from_pretrained(str(kept), None, device_map, kwargs)
+        except Exception as err:  # a damaged copy raises whatever its reader meets (safetensors' own errors)
+            import shutil
+            import warnings
+
+            warnings.warn(f"the float copy at {kept} does not load ({err}); reading the GGUF file again",
+                          stacklevel=2)
+            shutil.rmtree(kept, ignore_errors=True)
+    if kept is None or not kept.is_dir():
+        try:
+            tokenizer, hf = _from_pretrained(where, gguf, device_map, kwargs, progress)
+        except OSError as err:
+            raise ModelNotFoundError(f"could not load {name!r} from {where!r}: {err}") from err
+        if kept is not None:
+            _keep_float_copy(hf, tokenizer, kept)
     if device_map is None:
         hf.to(device)
     else:
@@ -165,6 +174,75 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
+
+
+def _from_pretrained(where: str, gguf: str | None, device_map, kwargs: dict, progress: bool = True):
+    """transformers' tokenizer and causal LM from a folder, a hub id or a GGUF file in a folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(where, **file, trust_remote_code=kwargs["trust_remote_code"])
+    with _gguf_bar(progress and gguf is not None):
+        hf = AutoModelForCausalLM.from_pretrained(where, device_map=device_map, **file, **kwargs)
+    return tokenizer, hf
+
+
+FLOAT_COPY_LIMIT = 4 * 2**30  # bytes: a larger de-quantized model is not copied to disk
+
+
+def float_copy(gguf: Path, dtype: torch.dtype) -> Path | None:
+    """The folder that keeps the float weights (safetensors), config and tokenizer a GGUF file
+    de-quantizes to in ``dtype``: transformers takes ~30 s to read the default model's file, the
+    copy well under a second. Under ``$QDIAG_MODEL_CACHE``, else ``~/.cache/qdiag/models``
+    (``QDIAG_MODEL_CACHE=off``: no copy); named by the file (path, size, modification time), the
+    dtype and transformers' version (another conversion can give other floats)."""
+    import hashlib
+
+    import transformers
+
+    from .data import cache_dir
+
+    root = os.environ.get("QDIAG_MODEL_CACHE")
+    if root is not None and root.strip().lower() in ("off", "0", "none", "false"):
+        return None
+    st = gguf.resolve().stat()
+    key = hashlib.blake2b(repr((str(gguf.resolve()), st.st_size, st.st_mtime_ns, str(dtype),
+                                transformers.__version__)).encode(), digest_size=10).hexdigest()
+    return Path(root or cache_dir() / "models") / f"{gguf.stem}-{key}"
+
+
+def _keep_float_copy(hf: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """Write the de-quantized model to ``folder`` whole or not at all (a temporary folder renamed
+    into place); a model over ``FLOAT_COPY_LIMIT`` or a disk that refuses is left without one."""
+    import copy
+    import shutil
+    import tempfile
+    import warnings
+
+    from safetensors.torch import save_file
+
+    weights = {k: v for k, v in hf.state_dict().items()
+               if not (k == "lm_head.weight" and getattr(hf.config, "tie_word_embeddings", False))}
+    if sum(v.numel() * v.element_size() for v in weights.values()) > FLOAT_COPY_LIMIT:
+        return
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        config = copy.deepcopy(hf.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the copy is plain float weights
+        config.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError as err:  # a full or read-only disk: the next load reads the GGUF file again
+        if not folder.is_dir():  # (another process may have put its copy there first)
+            warnings.warn(f"could not keep the float copy of the GGUF model at {folder}: {err}", stacklevel=3)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
