@@ -38,6 +38,22 @@ def test_a_change_to_the_quantizer_code_is_a_new_cache_key(monkeypatch):
     assert quantizer._cache_key(model, plan, calib_ids(), damp=0.01) != before
 
 
+def test_the_cache_key_sees_where_each_weight_sits():
+    # sums and a sample of values (the key before) do not move when rows swap places; the result does
+    model = tiny_model("llama")
+    plan = uniform_plan(model, QuantSpec(3, group_size=32, method="gptq"))
+    before = quantizer._cache_key(model, plan, calib_ids())
+    w = model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        w.copy_(w[torch.arange(w.shape[0]).roll(1)])
+    permuted = quantizer._cache_key(model, plan, calib_ids())
+    assert permuted != before
+    norm = model.model.layers[0].input_layernorm.weight  # not quantized, but calibration runs through it
+    with torch.no_grad():
+        norm.mul_(1.5)
+    assert quantizer._cache_key(model, plan, calib_ids()) not in (before, permuted)
+
+
 def test_a_mixed_plan_of_every_kind_of_tensor_comes_back_from_the_cache(tmp_path):
     from qdiag.quant.gguf import GGUFTensor
     from qdiag.quant.quantize import Scaled

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import QTensor, QuantSpec, dequantize, grouped, minmax_params, n_groups, quantize
+from .quantize import QTensor, QuantSpec, grouped, minmax_params, n_groups
 
 ORDERS = ("natural", "act", "group")
 
@@ -123,22 +123,29 @@ class _Block:
         self.key = (tuple(self.W1.shape), self.W1.device, starts, gs, spec.bits, spec.sym)
 
     def run(self) -> None:
-        W1, S1, Z1, maxq = self.W1, self.S1, self.Z1, 2**self.spec.bits - 1
-        n = W1.shape[1]
-        for i in range(n):
+        # the loop runs on the block transposed, a column to a contiguous row, and writes into
+        # preallocated rows: on a CPU it is op-bound, and this is some 40% faster than column views
+        maxq = 2**self.spec.bits - 1
+        W, S, Z = self.W1.t().contiguous(), self.S1.t().contiguous(), self.Z1.t().contiguous()
+        Q, E = torch.empty_like(W), torch.empty_like(W)
+        for i in range(W.shape[0]):
             if i in self.starts:
-                window = W1[:, i : i + self.gs]
-                if window.shape[1] < self.gs and self.rest.shape[1]:
-                    window = torch.cat((W1[:, i:], self.rest), dim=1)[:, : self.gs]
-                s, z = minmax_params(window, self.spec.bits, self.spec.sym)
-                S1[:, i:] = s[:, None]  # until the next start overwrites the columns after it
-                Z1[:, i:] = z[:, None]
-            w_col = W1[:, i]
-            q = quantize(w_col, S1[:, i], Z1[:, i], maxq)
-            self.Q1[:, i] = q
-            err = (w_col - dequantize(q, S1[:, i], Z1[:, i])) / self.d[i]
-            W1[:, i:].addr_(err, self.Hinv1[i, i:], alpha=-1)
-            self.Err1[:, i] = err
+                window = W[i : i + self.gs]
+                if window.shape[0] < self.gs and self.rest.shape[1]:
+                    window = torch.cat((W[i:], self.rest.t()), dim=0)[: self.gs]
+                s, z = minmax_params(window.t(), self.spec.bits, self.spec.sym)
+                S[i:] = s  # until the next start overwrites the columns after it
+                Z[i:] = z
+            w, s, z, q, e = W[i], S[i], Z[i], Q[i], E[i]
+            torch.div(w, s, out=q)
+            q.round_().add_(z).clamp_(0, maxq)  # = quantize(w, s, z, maxq)
+            torch.sub(q, z, out=e)
+            e.mul_(s)  # e = dequantize(q, s, z)
+            torch.sub(w, e, out=e)
+            e.div_(self.d[i])
+            W[i:].addr_(self.Hinv1[i, i:], e, alpha=-1)
+        for name, value in (("W1", W), ("S1", S), ("Z1", Z), ("Q1", Q), ("Err1", E)):
+            getattr(self, name).copy_(value.t())  # in place: a captured CUDA graph writes its static buffers
 
 
 class _GraphCache:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.arch import unwrap, weight_matrix
+from ..core.store import weights_digest
 from . import awq, calibrate, gguf, gptq, hqq, quantize
 from .calibrate import sequential_quantize
 from .gptq import ORDERS
@@ -26,19 +27,19 @@ from .swap import QuantizedWeights, load, save
 
 
 def _cache_key(model: nn.Module, plan: Plan, calib: torch.Tensor | None, **settings) -> str:
-    """A digest of everything a quantization's result depends on: the planned weights (shape, sums and a
-    sample of values), the plan, the calibration tokens, the settings and the quantizer's own code
-    (a change to it, even one that only moves float rounding, must not load old results)."""
+    """A digest of everything a quantization's result depends on: every weight of the model (where
+    each value sits, ``weights_digest``: calibration runs through the layers before the quantized
+    one), the plan, the calibration tokens, the settings and the quantizer's own code (a change to
+    it, even one that only moves float rounding, must not load old results)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((__version__, sorted(settings.items()))).encode())
     for module in (awq, calibrate, gguf, gptq, hqq, quantize):
         h.update(inspect.getsource(module).encode())
+    h.update(weights_digest(model).encode())
     modules = dict(unwrap(model).named_modules())
     for name in sorted(plan):
-        w = modules[name].weight.detach()
-        stats = torch.stack([w.double().sum(), w.double().square().sum()]).cpu()
+        w = modules[name].weight
         h.update(repr((name, asdict(plan[name]), tuple(w.shape), str(w.dtype))).encode())
-        h.update(stats.numpy().tobytes() + w.flatten()[:256].float().cpu().numpy().tobytes())
     if calib is not None:
         h.update(calib.cpu().numpy().tobytes())
     return h.hexdigest()
