@@ -315,3 +315,36 @@ def test_a_family_with_biases_keeps_its_quantized_matrices(tmp_path):
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         assert torch.equal(ckpt.weights.tensors[name].dequantize(), round_trip(hf.get_submodule(name).weight, "Q8_0"))
     assert ckpt.changed == [] and ckpt.avg_bits == 8.5
+
+
+def test_the_fast_header_reader_gives_gguf_s_own_fields_and_tensors(tmp_path):
+    import gguf
+
+    from qdiag.quant.gguf_file import _Reader
+
+    path = tmp_path / "fields.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_token_list(["a", "ßé", "", "日本", "x" * 300])  # strings of every length, empty, multi-byte
+    writer.add_token_types([1, 3, 1, 6, 2])
+    writer.add_array("test.floats", [0.5, -2.0, 1e-30])
+    writer.add_array("test.bools", [True, False])
+    writer.add_array("test.empty", [])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    writer.add_string("test.string", "plain")
+    writer.add_uint64("test.u64", 2**40)
+    writer.add_tensor("blk.0.w", np.arange(64, dtype=np.float32).reshape(2, 32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    theirs, ours = gguf.GGUFReader(path), _Reader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, a in theirs.fields.items():
+        b = ours.fields[key]
+        assert (b.offset, b.data, b.types, b.contents()) == (a.offset, a.data, a.types, a.contents()), key
+        assert len(b.parts) == len(a.parts), key
+        assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a.parts, b.parts)), key
+    assert ours.data_offset == theirs.data_offset
+    assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == [(t.name, t.data_offset, t.n_bytes)
+                                                                         for t in theirs.tensors]
+    assert np.array_equal(ours.tensors[0].data, theirs.tensors[0].data)

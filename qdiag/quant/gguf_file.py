@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import mmap
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as np_dequantize
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,7 +29,7 @@ def read_gguf(model: nn.Module, path: Path, progress: bool = False) -> dict:
     """The fields of a ``Checkpoint`` read from the GGUF file at ``path``; raises, before any
     de-quantization, when it does not fit the base (naming what differs)."""
     try:
-        reader = GGUFReader(path)
+        reader = _Reader(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a GGUF file qdiag can read ({e}); pass a GGUF file written by llama.cpp "
                          "or the gguf package, or a GPTQ / AWQ / compressed-tensors folder") from e
@@ -108,6 +109,37 @@ def read_gguf(model: nn.Module, path: Path, progress: bool = False) -> dict:
     weights = QuantizedWeights(plan, tensors, 0.0, key=h.hexdigest(), extras=extras)
     return {"weights": weights, "types": dict(types), "avg_bits": avg, "changed": changed, "ignored": ignored,
             "tensor_types": tensor_types, "file_names": file_names}
+
+
+class _Reader(GGUFReader):
+    """gguf's reader, with long arrays (a vocabulary, its merges and token types: some 150,000 items)
+    cut from the file's bytes in one pass, not through several memory-map views per item: the same
+    fields, parts and tensors, the default model's header read in ~0.1 s instead of ~3 s."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item = self._get(orig_offs, np.uint32)
+        count = self._get(orig_offs + 4, np.uint64)
+        kind = GGUFValueType(int(item[0]))
+        raw = self.data.view(np.ndarray)  # slices of a plain array, not of the memmap subclass
+        offs, n = orig_offs + 12, int(count[0])
+        if n == 0:
+            return super()._get_field_parts(orig_offs, raw_type)
+        if kind in self.gguf_scalar_to_np:
+            dtype = np.dtype(self.gguf_scalar_to_np[kind])
+            values = raw[offs : offs + n * dtype.itemsize].view(dtype)
+            parts = [item, count, *(values[i : i + 1] for i in range(n))]
+            return 12 + n * dtype.itemsize, parts, list(range(2, n + 2)), [GGUFValueType.ARRAY, kind]
+        if kind != GGUFValueType.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        parts, data = [item, count], []
+        for _ in range(n):
+            (size,) = struct.unpack_from("=Q", raw, offs)
+            parts += (raw[offs : offs + 8].view(np.uint64), raw[offs + 8 : offs + 8 + size])
+            data.append(len(parts) - 1)
+            offs += 8 + size
+        return offs - orig_offs, parts, data, [GGUFValueType.ARRAY, GGUFValueType.STRING]
 
 
 def _drop_pages(reader: GGUFReader, t) -> None:
@@ -216,7 +248,8 @@ def _check_base(hf: nn.Module, tokenizer, reader: GGUFReader) -> None:
     if tokens is not None and tokenizer is not None:
         # token strings of every id the tokenizer has (converters pad the rest, e.g. [PAD151700]);
         # special tokens may be spelled differently and are not compared
-        ids = [i for i in range(min(len(tokens), len(tokenizer))) if i not in set(tokenizer.all_special_ids)]
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in range(min(len(tokens), len(tokenizer))) if i not in special]
         ours = tokenizer.convert_ids_to_tokens(ids)
         diff = next((i for i, b in zip(ids, ours) if tokens[i] != b), None)
         if diff is not None:
