@@ -201,9 +201,10 @@ def float_copy(gguf: Path, dtype: torch.dtype) -> Path | None:
     import transformers
 
     from .data import cache_dir
+    from .store import OFF
 
     root = os.environ.get("QDIAG_MODEL_CACHE")
-    if root is not None and root.strip().lower() in ("off", "0", "none", "false"):
+    if root is not None and root.strip().lower() in OFF:
         return None
     st = gguf.resolve().stat()
     key = hashlib.blake2b(repr((str(gguf.resolve()), st.st_size, st.st_mtime_ns, str(dtype),
