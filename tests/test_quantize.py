@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from qdiag.quant.quantize import QTensor, QuantSpec, bits_per_weight, minmax_params, parse_bits, rtn
+from qdiag.quant.quantize import (
+    QTensor,
+    QuantSpec,
+    bits_per_weight,
+    dequantize,
+    minmax_params,
+    parse_bits,
+    quantize,
+    rtn,
+)
 
 
 def rtn_by_hand(w: np.ndarray, bits: int, group: int | None, sym: bool) -> np.ndarray:
@@ -96,3 +105,13 @@ def test_bad_group_and_method_raise():
         QuantSpec(method="awq2")
     with pytest.raises(ValueError, match="larger than in_features=64"):
         rtn(torch.randn(4, 64), QuantSpec(group_size=128))
+
+
+def test_quantize_and_dequantize_in_place_give_the_allocating_results():
+    g = torch.Generator().manual_seed(0)
+    x, scale, zero = torch.randn(7, 5, generator=g), torch.rand(7, 1, generator=g) + 0.1, torch.full((7, 1), 8.0)
+    codes = quantize(x, scale, zero, 15)
+    out = torch.empty_like(x)
+    assert quantize(x, scale, zero, 15, out=out) is out and torch.equal(out, codes)
+    back = torch.empty_like(x)
+    assert dequantize(codes, scale, zero, out=back) is back and torch.equal(back, dequantize(codes, scale, zero))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import QTensor, QuantSpec, grouped, minmax_params, n_groups
+from .quantize import QTensor, QuantSpec, dequantize, grouped, minmax_params, n_groups, quantize
 
 ORDERS = ("natural", "act", "group")
 
@@ -137,11 +137,8 @@ class _Block:
                 S[i:] = s  # until the next start overwrites the columns after it
                 Z[i:] = z
             w, s, z, q, e = W[i], S[i], Z[i], Q[i], E[i]
-            torch.div(w, s, out=q)
-            q.round_().add_(z).clamp_(0, maxq)  # = quantize(w, s, z, maxq)
-            torch.sub(q, z, out=e)
-            e.mul_(s)  # e = dequantize(q, s, z)
-            torch.sub(w, e, out=e)
+            quantize(w, s, z, maxq, out=q)
+            torch.sub(w, dequantize(q, s, z, out=e), out=e)
             e.div_(self.d[i])
             W[i:].addr_(self.Hinv1[i, i:], e, alpha=-1)
         for name, value in (("W1", W), ("S1", S), ("Z1", Z), ("Q1", Q), ("Err1", E)):

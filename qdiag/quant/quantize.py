@@ -111,13 +111,21 @@ def n_groups(in_features: int, group_size: int | None) -> int:
     return 1 if group_size is None else math.ceil(in_features / group_size)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes ``clamp(round(x / scale) + zero, 0, maxq)``; all arguments broadcast."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / scale) + zero, 0, maxq)``; all arguments broadcast. ``out``:
+    written in place there (GPTQ's column loop, where allocating is most of the cost)."""
+    if out is None:
+        return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return torch.div(x, scale, out=out).round_().add_(zero).clamp_(0, maxq)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (q - zero)
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale * (q - zero)``; ``out``: written in place there."""
+    if out is None:
+        return scale * (q - zero)
+    return torch.sub(q, zero, out=out).mul_(scale)
 
 
 def minmax_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
